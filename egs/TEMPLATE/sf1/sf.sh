@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Shared stage script of every slot-filling recipe (like ESPnet's asr.sh). A recipe's run.sh sets
+# its corpus options and calls this script; every variable below is also a --flag.
+#
+#   0 corpus preparation      local/data.sh -> data/<set>/
+#   1 Whisper features + ASR  dump/<set>/feats.scp, text_asr
+#   2 data formatting         dump/<set>/{regular,reasoning,hybrid}.jsonl
+#   3 LoRA/QLoRA training     exp/<llm>_<mode><tag>/
+#   4 decoding                exp/<llm>_<mode><tag>/decode_<set>_<mode>/
+#   5 scoring                 .../score/scores.json and ${results_md}
+set -euo pipefail
+
+log() {
+  local fname=${BASH_SOURCE[1]##*/}
+  echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
+}
+
+# General
+stage=0
+stop_stage=5
+preset=""            # conf/preset/<name>.sh sets defaults (flags given explicitly still win)
+nj=2                 # parallel jobs of stages 1 and 4
+seed=1
+# Stage 0
+local_data_opts=""   # passed to local/data.sh
+# Stage 1
+whisper=base         # Whisper size name, checkpoint path, or conf/whisper/*.yaml
+asr=true             # also decode Whisper ASR hypotheses (context and cascade)
+# Stage 2
+context_source=asr   # asr | reference
+query_prob=0.5
+# Stage 3
+llm=smollm2_135m     # conf/llm/<llm>.yaml
+llm_path=""          # overrides the config's name_or_path (a local copy of the weights)
+mode=all             # regular | reasoning | hybrid | all
+train_config=conf/train.yaml
+tag=""               # suffix of the experiment dir name
+ngpu=0
+# Stage 4
+decode_batch_size=8
+num_beams=1
+max_new_tokens_regular=128
+max_new_tokens_reasoning=384
+# Sets
+train_set=train
+valid_set=dev
+test_sets="test"
+results_md=RESULTS.md
+
+# A preset is applied first so that explicit flags override it.
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --preset) preset=${args[$((i + 1))]:-} ;;
+    --preset=*) preset=${args[$i]#--preset=} ;;
+  esac
+done
+if [ -n "${preset}" ]; then
+  [ -f "conf/preset/${preset}.sh" ] || { log "Error: unknown preset '${preset}' (see conf/preset/)"; exit 1; }
+  . "conf/preset/${preset}.sh"
+fi
+. utils/parse_options.sh
+. ./path.sh
+. ./cmd.sh
+
+llm_config=conf/llm/${llm}.yaml
+if [ ! -f "${llm_config}" ]; then
+  log "Error: unknown --llm '${llm}'. Available: $(ls conf/llm | sed -n 's/\.yaml$//p' | tr '\n' ' ')"
+  exit 1
+fi
+case "${mode}" in
+  all) modes="regular reasoning hybrid" ;;
+  regular|reasoning|hybrid) modes=${mode} ;;
+  *) log "Error: --mode must be regular, reasoning, hybrid or all, got '${mode}'"; exit 1 ;;
+esac
+[ -f "${train_config}" ] || { log "Error: --train_config ${train_config} not found"; exit 1; }
+if [ -n "${llm_path}" ]; then
+  # the config stays the single description of the model; only its location changes
+  mkdir -p exp/conf
+  python -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); c['name_or_path'] = sys.argv[2]; \
+yaml.safe_dump(c, open(sys.argv[3], 'w'), sort_keys=False)" "${llm_config}" "${llm_path}" "exp/conf/${llm}.yaml"
+  llm_config=exp/conf/${llm}.yaml
+fi
+
+expdir_of() { echo "exp/${llm}_$1${tag:+_${tag}}"; }
+all_sets="${train_set} ${valid_set} ${test_sets}"
+mkdir -p exp
+stage_times=exp/stage_times.tsv
+timed() {  # timed <stage> <command...>: run and record the wall time of a stage
+  local s=$1; shift
+  local start=${SECONDS}
+  "$@"
+  printf '%s\t%s\t%s\n' "$s" "$((SECONDS - start))" "$(date '+%Y-%m-%dT%H:%M:%S')" >> "${stage_times}"
+}
+
+stage0() {
+  log "Stage 0: corpus preparation -> data/"
+  local/data.sh ${local_data_opts}
+}
+
+stage1() {
+  for dset in ${all_sets}; do
+    log "Stage 1: Whisper (${whisper}) features and ASR of data/${dset} in ${nj} jobs -> dump/${dset}"
+    local split=dump/${dset}/split${nj}
+    rm -rf "${split}"
+    ${feats_cmd} JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
+      python -m speechllm.bin.dump_feats --data_dir "data/${dset}" --outdir "${split}" \
+      --whisper "${whisper}" --asr "${asr}" --job JOB --nj "${nj}"
+    cat "${split}"/feats.*.scp | sort > "dump/${dset}/feats.scp.tmp"
+    mv "dump/${dset}/feats.scp.tmp" "dump/${dset}/feats.scp"
+    for f in text_asr utt2num_frames skipped; do
+      cat "${split}/${f}".* | sort > "dump/${dset}/${f}.tmp"
+      mv "dump/${dset}/${f}.tmp" "dump/${dset}/${f}"
+    done
+    local n_skipped
+    n_skipped=$(wc -l < "dump/${dset}/skipped")
+    log "dump/${dset}: $(wc -l < "dump/${dset}/feats.scp") utterances, ${n_skipped} skipped (see dump/${dset}/skipped)"
+  done
+}
+
+stage2() {
+  for dset in ${all_sets}; do
+    log "Stage 2: formatting dump/${dset} (context from ${context_source})"
+    python -m speechllm.bin.format_data --data_dir "data/${dset}" --dump_dir "dump/${dset}" --seed "${seed}" \
+      --query_prob "${query_prob}" --context_source "${context_source}"
+  done
+}
+
+stage3() {
+  for m in ${modes}; do
+    local expdir
+    expdir=$(expdir_of "${m}")
+    log "Stage 3: training ${llm} (${m}) -> ${expdir}"
+    mkdir -p "${expdir}"
+    cp "${llm_config}" "${expdir}/llm.yaml"
+    cp "${train_config}" "${expdir}/train.yaml"
+    ${train_cmd} --gpu "${ngpu}" "${expdir}/train.log" \
+      python -m speechllm.bin.train --train_jsonl "dump/${train_set}/${m}.jsonl" \
+      --valid_jsonl "dump/${valid_set}/${m}.jsonl" --llm_config "${expdir}/llm.yaml" \
+      --train_config "${expdir}/train.yaml" --outdir "${expdir}"
+    log "$(grep 'training done' "${expdir}/train.log" | tail -1 | sed 's/.*INFO: //')"
+  done
+}
+
+# decode targets of a mode: "<jsonl mode> <row mode filter> <max new tokens>"
+decode_targets() {
+  case "$1" in
+    regular) echo "regular - ${max_new_tokens_regular}" ;;
+    reasoning) echo "reasoning - ${max_new_tokens_reasoning}" ;;
+    hybrid) echo "hybrid hybrid_no_think ${max_new_tokens_regular}"
+            echo "hybrid hybrid_think ${max_new_tokens_reasoning}" ;;
+  esac
+}
+
+stage4() {
+  for m in ${modes}; do
+    local expdir
+    expdir=$(expdir_of "${m}")
+    [ -f "${expdir}/model/speechllm.yaml" ] || { log "Error: ${expdir}/model missing: run stage 3 first"; exit 1; }
+    for dset in ${test_sets}; do
+      while read -r jsonl_mode row_mode max_new; do
+        local name=${row_mode/-/${m}}
+        local ddir=${expdir}/decode_${dset}_${name}
+        log "Stage 4: decoding dump/${dset}/${jsonl_mode}.jsonl (${name}) in ${nj} jobs -> ${ddir}"
+        rm -rf "${ddir}/split${nj}"
+        local filter=()
+        [ "${row_mode}" != - ] && filter=(--mode "${row_mode}")
+        ${decode_cmd} JOB=1:"${nj}" "${ddir}/split${nj}/log/decode.JOB.log" \
+          python -m speechllm.bin.decode --model_dir "${expdir}/model" --jsonl "dump/${dset}/${jsonl_mode}.jsonl" \
+          "${filter[@]}" --output "${ddir}/split${nj}/hyp.JOB.jsonl" --job JOB --nj "${nj}" \
+          --batch_size "${decode_batch_size}" --num_beams "${num_beams}" --max_new_tokens "${max_new}"
+        cat $(for j in $(seq 1 "${nj}"); do echo "${ddir}/split${nj}/hyp.${j}.jsonl"; done) > "${ddir}/hyp.jsonl.tmp"
+        mv "${ddir}/hyp.jsonl.tmp" "${ddir}/hyp.jsonl"
+      done < <(decode_targets "${m}")
+    done
+  done
+}
+
+stage5() {
+  local ddirs=()
+  for m in ${modes}; do
+    local expdir
+    expdir=$(expdir_of "${m}")
+    for dset in ${test_sets}; do
+      while read -r jsonl_mode row_mode _; do
+        local name=${row_mode/-/${m}}
+        local ddir=${expdir}/decode_${dset}_${name}
+        local filter=()
+        [ "${row_mode}" != - ] && filter=(--mode "${row_mode}")
+        log "Stage 5: scoring ${ddir}"
+        python -m speechllm.bin.score --ref_jsonl "dump/${dset}/${jsonl_mode}.jsonl" "${filter[@]}" \
+          --hyp_jsonl "${ddir}/hyp.jsonl" --outdir "${ddir}/score" --title "${ddir}"
+        ddirs+=("${ddir}")
+      done < <(decode_targets "${m}")
+    done
+  done
+  log "Stage 5: writing ${results_md}"
+  python -m speechllm.bin.results --decode_dirs "${ddirs[@]}" --stage_times "${stage_times}" \
+    --command "$0 ${args[*]}" --output "${results_md}"
+}
+
+for s in 0 1 2 3 4 5; do
+  if [ "${stage}" -le "${s}" ] && [ "${stop_stage}" -ge "${s}" ]; then
+    timed "${s}" "stage${s}"
+  fi
+done
+log "Successfully finished. [elapsed=${SECONDS}s]"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Stage 0 of the call-centre recipe: generate seeded calls, speak them with espeak-ng, and write
+# Kaldi-style data dirs data/{train,dev,test}.
+set -euo pipefail
+
+log() {
+  local fname=${BASH_SOURCE[1]##*/}
+  echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
+}
+
+num_calls=300
+num_dev=20
+num_test=30
+seed=1
+nj=2
+. ./db.sh
+. utils/parse_options.sh
+
+log "generating ${num_calls} calls (seed ${seed}) in ${CALLCENTER}"
+python -m speechllm.corpus.callcenter --outdir "${CALLCENTER}" --num_calls "${num_calls}" \
+  --num_dev "${num_dev}" --num_test "${num_test}" --seed "${seed}"
+log "speaking them with espeak-ng into data/"
+python -m speechllm.corpus.synth --conversations "${CALLCENTER}/conversations.jsonl" \
+  --inventory "${CALLCENTER}/slot_inventory.json" --wavdir "${CALLCENTER}/wav_seed${seed}" \
+  --datadir data --nj "${nj}" --seed "${seed}"

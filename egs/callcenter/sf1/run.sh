@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Call-centre slot filling (synthetic calls spoken by espeak-ng). Stages: see sf.sh.
+#   ./run.sh                      # default: Whisper base + SmolLM2-135M, all three modes
+#   ./run.sh --preset mini        # CI-sized: tiny models built from configs, a few minutes on CPU
+#   ./run.sh --stage 3 --llm llama31_8b --mode reasoning
+set -euo pipefail
+
+[ -f ../../../tools/venv/.installed ] || ../../../tools/install.sh
+
+# corpus sizes are local/data.sh's defaults; presets and --local_data_opts change them
+./sf.sh \
+  --train_set train --valid_set dev --test_sets test \
+  "$@"

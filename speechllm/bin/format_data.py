@@ -1,0 +1,26 @@
+"""Stage 2: write ``regular.jsonl``, ``reasoning.jsonl`` and ``hybrid.jsonl`` into a dump dir."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from speechllm.formatting import build_examples, write_examples
+from speechllm.logging_utils import setup_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data_dir", type=Path, required=True)
+    parser.add_argument("--dump_dir", type=Path, required=True, help="holds feats.scp and text_asr")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--query_prob", type=float, default=0.5, help="share of prompts with a slot query")
+    parser.add_argument("--context_source", choices=("asr", "reference"), default="asr")
+    args = parser.parse_args(argv)
+    setup_logging()
+    examples = build_examples(args.data_dir, args.dump_dir, args.seed, args.query_prob, args.context_source)
+    write_examples(examples, args.dump_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Stage 5: score a decode dir against the references of its stage-2 JSONL file.
+
+Writes ``scores.json`` (partial, exact, SLU-F1 and span F1, per-slot scores, counts of missing and
+unparseable outputs) and ``result.txt`` (the same as a table) into ``--outdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from speechllm.data import read_examples
+from speechllm.io_utils import InputError, atomic_write, read_jsonl
+from speechllm.logging_utils import setup_logging
+from speechllm.metrics import format_table, score_corpus
+
+log = logging.getLogger(__name__)
+
+
+def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None) -> dict:
+    refs = {e.id: e.slots for e in read_examples(ref_jsonl, mode)}
+    hyps: dict[str, tuple[dict[str, str], bool]] = {}
+    if hyp_jsonl.exists():
+        for lineno, row in read_jsonl(hyp_jsonl):
+            if "id" not in row or "slots" not in row:
+                raise InputError(f"{hyp_jsonl}:{lineno}: expected keys 'id' and 'slots'")
+            hyps[row["id"]] = (row["slots"], bool(row.get("parseable", True)))
+    else:
+        log.warning("%s does not exist: every reference counts as missing", hyp_jsonl)
+    unknown = set(hyps) - set(refs)
+    if unknown:
+        log.warning("%d hypotheses have no reference and are ignored (first: %s)", len(unknown), min(unknown))
+    result = score_corpus(refs, hyps)
+    if result["n_missing"]:
+        log.warning("%d of %d utterances have no hypothesis: their slots count as false negatives",
+                    result["n_missing"], result["n_utts"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ref_jsonl", type=Path, required=True)
+    parser.add_argument("--hyp_jsonl", type=Path, required=True)
+    parser.add_argument("--mode")
+    parser.add_argument("--outdir", type=Path, required=True)
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    setup_logging()
+    result = score_files(args.ref_jsonl, args.hyp_jsonl, args.mode)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(args.outdir / "scores.json") as f:
+        json.dump(result, f, indent=1)
+    table = format_table(result, args.title)
+    with atomic_write(args.outdir / "result.txt") as f:
+        f.write(table)
+    print(table, end="")
+
+
+if __name__ == "__main__":
+    main()

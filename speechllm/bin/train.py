@@ -1,0 +1,35 @@
+"""Stage 3: train the speech LLM on a stage-2 JSONL file (resumes from the latest checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from speechllm.config import from_dict, load_yaml
+from speechllm.data import read_examples
+from speechllm.logging_utils import setup_logging
+from speechllm.train import TrainConfig, build_and_train
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--train_jsonl", type=Path, required=True)
+    parser.add_argument("--valid_jsonl", type=Path)
+    parser.add_argument("--llm_config", type=Path, required=True, help="conf/llm/<name>.yaml")
+    parser.add_argument("--train_config", type=Path, required=True, help="conf/train*.yaml")
+    parser.add_argument("--outdir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    setup_logging()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
+    cfg = from_dict(TrainConfig, load_yaml(args.train_config), str(args.train_config))
+    llm_cfg = load_yaml(args.llm_config)
+    train = read_examples(args.train_jsonl)
+    valid = read_examples(args.valid_jsonl) if args.valid_jsonl else []
+    build_and_train(llm_cfg, cfg, train, valid, args.outdir)
+
+
+if __name__ == "__main__":
+    main()

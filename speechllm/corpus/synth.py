@@ -1,0 +1,132 @@
+"""Speak a conversation corpus with espeak-ng into Kaldi-style data dirs (stage 0).
+
+Each turn becomes one 16 kHz wav and one utterance ``<conv>_<speaker>_<turn>``. Agents and
+customers draw from disjoint voice sets; rate and pitch are drawn per call and side, seeded.
+Written per split: ``wav.scp text utt2spk spk2utt utt2conv utt2turn slots.jsonl slot_inventory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from random import Random
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+from tqdm import tqdm
+
+from speechllm.io_utils import InputError, atomic_write, read_jsonl, write_kaldi_map
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+VOICES = {
+    "agent": ("en-us+m3", "en-us+f2", "en-gb-x-rp+m1", "en-us+f4", "en+m4"),
+    "customer": ("en-gb+m2", "en-gb-scotland+f3", "en-us+m7", "en-gb-x-rp+f1", "en-029+m5", "en-us-nyc+f5"),
+}
+
+
+def espeak_binary() -> str:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError("espeak-ng not found: install it with 'apt-get install espeak-ng' "
+                           "(or run tools/install.sh as root)")
+    return exe
+
+
+def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+    """Return 16 kHz float32 audio of ``text`` spoken by espeak-ng."""
+    proc = subprocess.run([espeak_binary(), "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text],
+                          capture_output=True, check=True)
+    audio, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
+    return resample_poly(audio, SAMPLE_RATE // 100, sr // 100).astype(np.float32) if sr != SAMPLE_RATE else audio
+
+
+def voice_for(conv_id: str, speaker: str, seed: int) -> tuple[str, int, int]:
+    rng = Random(f"voice-{seed}-{conv_id}-{speaker}")
+    return rng.choice(VOICES.get(speaker, VOICES["customer"])), rng.randint(145, 185), rng.randint(35, 70)
+
+
+def utt_id(conv_id: str, speaker: str, turn: int) -> str:
+    return f"{conv_id}_{speaker}_{turn:03d}"
+
+
+def build_data_dirs(conversations: Path, inventory: Path, wavdir: Path, datadir: Path,
+                    nj: int = 2, seed: int = 1) -> dict[str, int]:
+    """Synthesise every turn (skipping wavs that already exist) and write one data dir per split."""
+    wavdir.mkdir(parents=True, exist_ok=True)
+    calls = []
+    for lineno, call in read_jsonl(conversations):
+        for key in ("conv_id", "split", "turns"):
+            if key not in call:
+                raise InputError(f"{conversations}:{lineno}: missing key {key!r}")
+        calls.append(call)
+    jobs = []
+    for call in calls:
+        for turn, t in enumerate(call["turns"]):
+            if not t["text"].strip():
+                raise InputError(f"{conversations}: call {call['conv_id']} turn {turn} has empty text")
+            uid = utt_id(call["conv_id"], t["speaker"], turn)
+            jobs.append((wavdir / f"{uid}.wav", t["text"], *voice_for(call["conv_id"], t["speaker"], seed)))
+
+    def run(job: tuple[Path, str, str, int, int]) -> None:
+        path, text, voice, rate, pitch = job
+        if path.exists():
+            return
+        with atomic_write(path, "wb") as f:
+            sf.write(f, synthesize(text, voice, rate, pitch), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+
+    with ThreadPoolExecutor(max(1, nj)) as pool:
+        list(tqdm(pool.map(run, jobs), total=len(jobs), desc="espeak-ng", unit="utt"))
+
+    counts: dict[str, int] = {}
+    for split in sorted({c["split"] for c in calls}):
+        out = datadir / split
+        out.mkdir(parents=True, exist_ok=True)
+        wav, text, utt2spk, utt2conv, utt2turn, slots = {}, {}, {}, {}, {}, {}
+        for call in (c for c in calls if c["split"] == split):
+            for turn, t in enumerate(call["turns"]):
+                uid = utt_id(call["conv_id"], t["speaker"], turn)
+                wav[uid] = str((wavdir / f"{uid}.wav").resolve())
+                text[uid] = " ".join(t["text"].split())
+                utt2spk[uid] = f"{call['conv_id']}_{t['speaker']}"
+                utt2conv[uid] = call["conv_id"]
+                utt2turn[uid] = str(turn)
+                slots[uid] = t["slots"]
+        spk2utt: dict[str, list[str]] = {}
+        for uid in sorted(utt2spk):
+            spk2utt.setdefault(utt2spk[uid], []).append(uid)
+        for name, mapping in (("wav.scp", wav), ("text", text), ("utt2spk", utt2spk), ("utt2conv", utt2conv),
+                              ("utt2turn", utt2turn), ("spk2utt", {k: " ".join(v) for k, v in spk2utt.items()})):
+            write_kaldi_map(out / name, mapping)
+        with atomic_write(out / "slots.jsonl") as f:
+            for uid in sorted(slots):
+                f.write(json.dumps({"utt_id": uid, "slots": slots[uid]}, ensure_ascii=False) + "\n")
+        shutil.copyfile(inventory, out / "slot_inventory.json")
+        counts[split] = len(wav)
+        log.info("%s: %d utterances from %d calls", out, len(wav), sum(c["split"] == split for c in calls))
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--conversations", type=Path, required=True)
+    parser.add_argument("--inventory", type=Path, required=True)
+    parser.add_argument("--wavdir", type=Path, required=True)
+    parser.add_argument("--datadir", type=Path, required=True)
+    parser.add_argument("--nj", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
+    build_data_dirs(args.conversations, args.inventory, args.wavdir, args.datadir, args.nj, args.seed)
+
+
+if __name__ == "__main__":
+    main()

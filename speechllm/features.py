@@ -1,0 +1,103 @@
+"""The frozen Whisper encoder (stage 1): true-length encoder outputs and ASR hypotheses.
+
+Whisper's ``AudioEncoder.forward`` insists on 30 s of input. Running its layers on the turn's true
+length (slicing the positional embedding) gives the same frames for the speech part at a fraction of
+the cost; ``pad_30s=True`` keeps the original behaviour and trims afterwards, for comparison.
+Audio is read with soundfile (no ffmpeg binary) and handed to Whisper as arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+import whisper
+from whisper.model import ModelDimensions, Whisper
+
+from speechllm.config import load_yaml_dataclass
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = whisper.audio.SAMPLE_RATE
+MAX_SECONDS = whisper.audio.CHUNK_LENGTH
+
+
+@dataclass
+class WhisperConfig:
+    """How to get the encoder: a Whisper size name / checkpoint path, or a random tiny model."""
+
+    name_or_path: str = "base"
+    download_root: str | None = None
+    random_init_dims: dict = field(default_factory=dict)  # ModelDimensions fields; set for tests/mini
+    seed: int = 0
+    pad_30s: bool = False
+    asr_max_tokens: int | None = None  # cap on ASR hypothesis length (None: Whisper's default)
+
+
+def load_whisper(cfg: WhisperConfig, device: str = "cpu") -> Whisper:
+    if cfg.random_init_dims:
+        torch.manual_seed(cfg.seed)
+        model = Whisper(ModelDimensions(**cfg.random_init_dims))
+        return model.to(device).eval()
+    return whisper.load_model(cfg.name_or_path, device=device, download_root=cfg.download_root).eval()
+
+
+def load_whisper_spec(spec: str, device: str = "cpu") -> tuple[Whisper, WhisperConfig]:
+    """``spec`` is a YAML file describing a :class:`WhisperConfig`, or a Whisper name / checkpoint path."""
+    cfg = load_yaml_dataclass(spec, WhisperConfig) if spec.endswith((".yaml", ".yml")) else WhisperConfig(spec)
+    return load_whisper(cfg, device), cfg
+
+
+def read_audio(path: str) -> np.ndarray:
+    """Mono float32 at 16 kHz; raises ``ValueError`` on other sample rates."""
+    audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    if sr != SAMPLE_RATE:
+        raise ValueError(f"{path}: sample rate {sr}, expected {SAMPLE_RATE}")
+    return audio.mean(axis=1)
+
+
+@torch.no_grad()
+def encode(model: Whisper, audio: np.ndarray, pad_30s: bool = False) -> np.ndarray:
+    """Encoder outputs ``[T, d_model]`` at 50 Hz for the true length of ``audio``."""
+    encoder, device = model.encoder, next(model.parameters()).device
+    n_frames = len(audio) // whisper.audio.HOP_LENGTH
+    n_out = max(1, (n_frames + 1) // 2)
+    if pad_30s:
+        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels).to(device)
+        return encoder(mel[None].to(encoder.conv1.weight.dtype))[0, :n_out].float().cpu().numpy()
+    mel = whisper.log_mel_spectrogram(torch.from_numpy(audio), model.dims.n_mels)[:, : 2 * n_out]
+    mel = F.pad(mel, (0, 2 * n_out - mel.shape[1])).to(device, encoder.conv1.weight.dtype)
+    x = F.gelu(encoder.conv1(mel[None]))
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    x = x + encoder.positional_embedding[: x.shape[1]].to(x.dtype)
+    for block in encoder.blocks:
+        x = block(x)
+    return encoder.ln_post(x)[0].float().cpu().numpy()
+
+
+@torch.no_grad()
+def transcribe(model: Whisper, audio: np.ndarray, max_tokens: int | None = None) -> str:
+    """Greedy English transcript of one turn (<= 30 s)."""
+    device = next(model.parameters()).device
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels).to(device)
+    options = whisper.DecodingOptions(language="en", without_timestamps=True,
+                                      fp16=device.type == "cuda", sample_len=max_tokens)
+    return " ".join(whisper.decode(model, mel, options).text.split())
+
+
+def check_audio(path: str | Path) -> tuple[np.ndarray | None, str | None]:
+    """Load a turn, or return the reason it must be skipped (missing, corrupt, empty, too long)."""
+    try:
+        audio = read_audio(str(path))
+    except (OSError, RuntimeError, ValueError, sf.LibsndfileError) as e:
+        return None, f"unreadable ({e})"
+    if len(audio) < SAMPLE_RATE // 10:  # under 0.1 s: fewer than 4 encoder frames
+        return None, "empty"
+    if len(audio) > MAX_SECONDS * SAMPLE_RATE:
+        return None, f"longer than {MAX_SECONDS} s ({len(audio) / SAMPLE_RATE:.1f} s)"
+    return audio, None

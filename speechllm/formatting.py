@@ -1,0 +1,178 @@
+"""Stage 2: instruction, reasoning and hybrid examples from a data dir and its dumped features.
+
+Per utterance (all draws from a RNG seeded by ``seed`` and the utterance id, so the result does not
+depend on order or parallelism, and the regular and reasoning examples share one prompt):
+
+* context: the previous T turns of the call, T ~ U{0..3} capped at the turns available, taken from
+  Whisper's hypotheses (default) or the reference text;
+* query (probability ``query_prob``): the turn's gold labels plus S ~ U{1..5} distractor labels from
+  the slot inventory, shuffled; the target then lists every queried label, ``'None'`` when absent;
+* a template drawn from the 10 of its case (:mod:`speechllm.prompts`).
+
+Targets are JSON with double quotes. The reasoning target follows the paper's Figure 3.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from random import Random
+
+from speechllm import prompts
+from speechllm.io_utils import InputError, atomic_write, read_kaldi_map, read_slots
+from speechllm.parsing import format_slots
+
+log = logging.getLogger(__name__)
+
+MODES = ("regular", "reasoning", "hybrid")
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The sampled prompt of one utterance, shared by all modes."""
+
+    prompt: str
+    queried: tuple[str, ...] | None  # None: no query
+
+
+def conversation_order(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
+    """Previous utterances of each utterance, in turn order (empty when the dir has no utt2conv)."""
+    if not (data_dir / "utt2conv").exists():
+        log.warning("%s has no utt2conv: examples get no context", data_dir)
+        return {u: [] for u in utts}
+    utt2conv = read_kaldi_map(data_dir / "utt2conv")
+    utt2turn = read_kaldi_map(data_dir / "utt2turn")
+    convs: dict[str, list[tuple[int, str]]] = {}
+    for utt in utt2conv:
+        try:
+            turn = int(utt2turn[utt])
+        except (KeyError, ValueError):
+            raise InputError(f"{data_dir / 'utt2turn'}: missing or non-integer turn for {utt}") from None
+        convs.setdefault(utt2conv[utt], []).append((turn, utt))
+    history: dict[str, list[str]] = {}
+    for turns in convs.values():
+        ordered = [u for _, u in sorted(turns)]
+        for i, utt in enumerate(ordered):
+            history[utt] = ordered[:i]
+    return history
+
+
+def draw_prompt(rng: Random, history_text: list[str], gold: dict[str, str], inventory: list[str],
+                query_prob: float, max_context: int = 3, max_distractors: int = 5) -> Draw:
+    n_context = min(rng.randint(0, max_context), len(history_text))
+    context = history_text[len(history_text) - n_context :] if n_context else []
+    queried = None
+    if rng.random() < query_prob:
+        candidates = [label for label in inventory if label not in gold]
+        distractors = rng.sample(candidates, k=min(rng.randint(1, max_distractors), len(candidates)))
+        queried = list(gold) + distractors
+        rng.shuffle(queried)
+        queried = tuple(queried)
+    template = rng.choice(prompts.TEMPLATES[(bool(context), queried is not None)])
+    prompt = template.format(audio=prompts.AUDIO, context="\n".join(f"- {t}" for t in context),
+                             labels=", ".join(queried or ()))
+    return Draw(prompt, queried)
+
+
+def target_slots(gold: dict[str, str], queried: tuple[str, ...] | None) -> dict[str, str]:
+    return dict(gold) if queried is None else {label: gold.get(label, "None") for label in queried}
+
+
+def reasoning_trace(transcript: str, gold: dict[str, str], queried: tuple[str, ...] | None,
+                    descriptions: dict[str, str]) -> str:
+    """The Figure-3 chain of thought: transcript, mentions, queried labels, assignment."""
+    steps = [f'I hear the utterance in the audio clip is "{transcript}".']
+    mentions = list(dict.fromkeys(gold.values()))
+    if mentions:
+        steps.append("I see that the information bearing mentions in the utterance are "
+                     + " | ".join(mentions) + ".")
+    else:
+        steps.append("I see no information bearing mentions in the utterance.")
+    if queried is None:
+        steps.append("No labels were queried, so I consider every slot label that fits.")
+    else:
+        steps.append("The labels queried for are " + ", ".join(queried) + ".")
+    if gold:
+        reasons = []
+        for label, value in gold.items():
+            description = descriptions.get(label)
+            meaning = f"{label} ({description})" if description else label
+            reasons.append(f'"{value}" is the {meaning}')
+        steps.append("Based on the semantics of the slots, " + "; ".join(reasons) + ".")
+        if queried is not None and len(queried) > len(gold):
+            steps.append("The others are all 'None'.")
+    elif queried is not None:
+        steps.append("Nothing can be assigned, so all queried labels are 'None'.")
+    else:
+        steps.append("Nothing can be assigned, so there are no slots.")
+    return "<thinking>\n" + "\n".join(steps) + "\n</thinking>\n"
+
+
+def regular_target(gold: dict[str, str], queried: tuple[str, ...] | None) -> str:
+    return format_slots(target_slots(gold, queried))
+
+
+def reasoning_target(transcript: str, gold: dict[str, str], queried: tuple[str, ...] | None,
+                     descriptions: dict[str, str]) -> str:
+    return (reasoning_trace(transcript, gold, queried, descriptions)
+            + "<response>\n" + regular_target(gold, queried) + "\n</response>")
+
+
+def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: float = 0.5,
+                   context_source: str = "asr") -> dict[str, list[dict]]:
+    """Examples of every mode for one data dir, keyed by mode."""
+    feats = read_kaldi_map(dump_dir / "feats.scp")
+    num_frames = read_kaldi_map(dump_dir / "utt2num_frames") if (dump_dir / "utt2num_frames").exists() else {}
+    text = read_kaldi_map(data_dir / "text")
+    gold_all = read_slots(data_dir / "slots.jsonl")
+    if context_source == "asr":
+        context_text = read_kaldi_map(dump_dir / "text_asr", allow_empty_value=True)
+    elif context_source == "reference":
+        context_text = text
+    else:
+        raise ValueError(f"context_source must be 'asr' or 'reference', got {context_source!r}")
+    inventory_path = data_dir / "slot_inventory.json"
+    if inventory_path.exists():
+        descriptions = json.loads(inventory_path.read_text(encoding="utf-8"))
+    else:
+        log.warning("%s missing: the inventory is the labels seen in %s", inventory_path, data_dir)
+        descriptions = {}
+    inventory = sorted(set(descriptions) | {label for s in gold_all.values() for label in s})
+
+    utts = sorted(text)
+    history = conversation_order(data_dir, utts)
+    missing = [u for u in utts if u not in feats or u not in gold_all]
+    if missing:
+        log.warning("%d of %d utterances of %s have no features or no slots line and are left out "
+                    "(first: %s)", len(missing), len(utts), data_dir, missing[0])
+    out: dict[str, list[dict]] = {m: [] for m in MODES}
+    for utt in utts:
+        if utt in missing:
+            continue
+        gold = {k: v for k, v in gold_all[utt].items() if v not in ("", "None")}
+        rng = Random(f"format-{seed}-{utt}")
+        draw = draw_prompt(rng, [context_text.get(u, "") for u in history.get(utt, [])], gold, inventory,
+                           query_prob)
+        base = {"utt_id": utt, "feats": feats[utt], "n_frames": int(num_frames.get(utt, 0)), "text": text[utt],
+                "queried": draw.queried,
+                "slots": target_slots(gold, draw.queried)}
+        regular = {**base, "mode": "regular", "prompt": draw.prompt, "target": regular_target(gold, draw.queried)}
+        reasoning = {**base, "mode": "reasoning", "prompt": draw.prompt,
+                     "target": reasoning_target(text[utt], gold, draw.queried, descriptions)}
+        out["regular"].append({"id": utt, **regular})
+        out["reasoning"].append({"id": utt, **reasoning})
+        out["hybrid"].append({"id": f"{utt}#no_think", **regular, "mode": "hybrid_no_think",
+                              "prompt": f"{draw.prompt} {prompts.NO_THINK}"})
+        out["hybrid"].append({"id": f"{utt}#think", **reasoning, "mode": "hybrid_think",
+                              "prompt": f"{draw.prompt} {prompts.THINK}"})
+    return out
+
+
+def write_examples(examples: dict[str, list[dict]], dump_dir: Path) -> None:
+    for mode, items in examples.items():
+        with atomic_write(dump_dir / f"{mode}.jsonl") as f:
+            for item in items:
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        log.info("wrote %d %s examples to %s", len(items), mode, dump_dir / f"{mode}.jsonl")

@@ -1,0 +1,77 @@
+"""Small I/O helpers shared by the stages: atomic writes and line-checked readers.
+
+Atomic writes make an interrupted stage leave nothing that a later stage would take as complete.
+Readers name the file and line of any malformed input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Iterator
+
+
+class InputError(ValueError):
+    """Bad user input; the message names the file and line."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Write to ``path.tmp`` and rename on success, so readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+        yield f
+    os.replace(tmp, path)
+
+
+def read_kaldi_map(path: str | Path, allow_empty_value: bool = False) -> dict[str, str]:
+    """Read a Kaldi ``key value...`` file (``wav.scp``, ``text``, ``utt2spk``...)."""
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            key, _, value = line.partition(" ")
+            if not value.strip() and not allow_empty_value:
+                raise InputError(f"{path}:{lineno}: expected '<key> <value>', got {line!r}")
+            if key in out:
+                raise InputError(f"{path}:{lineno}: duplicate key {key!r}")
+            out[key] = value.strip()
+    return out
+
+
+def write_kaldi_map(path: str | Path, mapping: dict[str, str]) -> None:
+    with atomic_write(path) as f:
+        for key in sorted(mapping):
+            f.write(f"{key} {mapping[key]}\n")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line number, object)``; a malformed line raises with file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, obj
+
+
+def read_slots(path: str | Path) -> dict[str, dict[str, str]]:
+    """Read ``slots.jsonl`` (``{"utt_id": ..., "slots": {label: value}}`` per line)."""
+    out: dict[str, dict[str, str]] = {}
+    for lineno, obj in read_jsonl(path):
+        if not isinstance(obj.get("utt_id"), str) or not isinstance(obj.get("slots"), dict):
+            raise InputError(f"{path}:{lineno}: expected keys 'utt_id' (string) and 'slots' (object)")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in obj["slots"].items()):
+            raise InputError(f"{path}:{lineno}: slot labels and values must be strings")
+        out[obj["utt_id"]] = obj["slots"]
+    return out

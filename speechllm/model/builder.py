@@ -1,0 +1,85 @@
+"""Building a fresh SpeechLLM, and saving / loading a trained one as a self-describing directory.
+
+A model directory holds ``speechllm.yaml`` (LLM config, base weights location, adapter shape),
+``adapter.pt`` (the projector) and ``lora/`` (the PEFT adapter, loadable by ``PeftModel``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from peft import PeftModel
+
+from speechllm.config import from_dict
+from speechllm.model.adapter import FrameStackAdapter
+from speechllm.model.llm import LLMConfig, PromptFormatter, add_lora, load_llm
+from speechllm.model.speechllm import SpeechLLM
+
+SPEC_FILE = "speechllm.yaml"
+
+
+@dataclass
+class ModelSpec:
+    llm: dict
+    feat_dim: int
+    adapter_hidden: int = 2048
+    stack: int = 4
+    base_llm: str | None = None  # saved base weights (tiny models), relative to the model dir
+
+    @property
+    def llm_config(self) -> LLMConfig:
+        return from_dict(LLMConfig, self.llm, "speechllm.yaml:llm")
+
+
+def build_speechllm(spec: ModelSpec, base_path: str | Path | None = None) -> SpeechLLM:
+    """A fresh adapter and fresh LoRA on the frozen foundation model."""
+    cfg = spec.llm_config
+    llm, tokenizer = load_llm(cfg, base_path)
+    llm = add_lora(llm, cfg)
+    torch.manual_seed(cfg.seed + 1)
+    adapter = FrameStackAdapter(spec.feat_dim, llm.get_input_embeddings().weight.shape[1],
+                                spec.adapter_hidden, spec.stack)
+    return SpeechLLM(llm, tokenizer, adapter, PromptFormatter(tokenizer, cfg))
+
+
+def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path: str | Path | None) -> None:
+    """Write a model dir; the directory appears complete or not at all (written aside, then renamed)."""
+    outdir = Path(outdir)
+    tmp = outdir.with_name(outdir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(model.adapter.state_dict(), tmp / "adapter.pt")
+    model.llm.save_pretrained(tmp / "lora")
+    data = dataclasses.asdict(spec)
+    if base_path is not None:
+        data["base_llm"] = os.path.relpath(Path(base_path).resolve(), outdir.resolve())
+    (tmp / SPEC_FILE).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    if outdir.exists():
+        old = outdir.with_name(outdir.name + ".old")
+        os.replace(outdir, old)
+        os.replace(tmp, outdir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, outdir)
+
+
+def load_model(model_dir: str | Path, device: str = "cpu") -> SpeechLLM:
+    model_dir = Path(model_dir)
+    if not (model_dir / SPEC_FILE).exists():
+        raise FileNotFoundError(f"{model_dir} is not a trained model dir (no {SPEC_FILE})")
+    spec = from_dict(ModelSpec, yaml.safe_load((model_dir / SPEC_FILE).read_text(encoding="utf-8")),
+                     str(model_dir / SPEC_FILE))
+    cfg = spec.llm_config
+    base = (model_dir / spec.base_llm).resolve() if spec.base_llm else None
+    llm, tokenizer = load_llm(cfg, base)
+    llm = PeftModel.from_pretrained(llm, model_dir / "lora")
+    adapter = FrameStackAdapter(spec.feat_dim, llm.get_input_embeddings().weight.shape[1],
+                                spec.adapter_hidden, spec.stack)
+    adapter.load_state_dict(torch.load(model_dir / "adapter.pt", map_location="cpu"))
+    model = SpeechLLM(llm, tokenizer, adapter, PromptFormatter(tokenizer, cfg)).to(device)
+    return model.eval()

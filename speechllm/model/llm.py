@@ -1,0 +1,141 @@
+"""Foundation LLM loading (one YAML per model), LoRA/QLoRA wrapping and prompt rendering.
+
+An :class:`LLMConfig` names a hub ID or local path (``name_or_path``, optionally a ``gguf_file``
+in it), or ``tiny``: a config dict from which a small random model is built, with a byte-level BPE
+tokenizer trained on the corpus text. The tiny path is what CI and the mini preset use; its
+weights and tokenizer are saved into the experiment so decoding rebuilds exactly the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from speechllm.prompts import AUDIO
+
+log = logging.getLogger(__name__)
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass
+class LLMConfig:
+    name_or_path: str | None = None
+    gguf_file: str | None = None
+    tiny: dict | None = None  # transformers config kwargs incl. model_type; builds a random model
+    tiny_vocab_size: int = 1000
+    prompt_style: str = "chat"  # "chat": tokenizer's chat template; "plain": plain_template
+    plain_template: str = "{prompt}\nResponse:\n"
+    system_prompt: str | None = None  # None: whatever the chat template does by default
+    dtype: str = "float32"
+    quantization: str | None = None  # None or "nf4" (QLoRA through bitsandbytes)
+    lora: dict = field(default_factory=lambda: {"r": 32, "lora_alpha": 128, "lora_dropout": 0.05,
+                                                "target_modules": "all-linear"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ValueError("an LLM config needs exactly one of 'name_or_path' and 'tiny'")
+        if self.prompt_style not in ("chat", "plain"):
+            raise ValueError(f"prompt_style must be 'chat' or 'plain', got {self.prompt_style!r}")
+        if self.quantization not in (None, "nf4"):
+            raise ValueError(f"quantization must be null or 'nf4', got {self.quantization!r}")
+
+
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` (every string stays encodable)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny(cfg: LLMConfig, texts: Iterable[str], outdir: Path) -> Path:
+    """Build, save and return the directory of a random tiny LLM and its corpus-trained tokenizer."""
+    tokenizer = train_tiny_tokenizer(texts, cfg.tiny_vocab_size)
+    kwargs = dict(cfg.tiny)
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  **kwargs)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    outdir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(outdir)
+    tokenizer.save_pretrained(outdir)
+    log.info("built tiny %s LLM (%.2fM parameters, vocab %d) in %s", model_type,
+             sum(p.numel() for p in model.parameters()) / 1e6, len(tokenizer), outdir)
+    return outdir
+
+
+def load_llm(cfg: LLMConfig, path: str | Path | None = None):
+    """Load the frozen foundation model and its tokenizer (``path`` overrides ``name_or_path``)."""
+    source = str(path or cfg.name_or_path)
+    kwargs: dict = {"dtype": getattr(torch, cfg.dtype)}
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    if cfg.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, cfg.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}))
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def add_lora(model, cfg: LLMConfig) -> PeftModel:
+    if cfg.quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.lora))
+
+
+class PromptFormatter:
+    """Renders an instruction into the text before and after the audio, the same in training and decoding."""
+
+    def __init__(self, tokenizer, cfg: LLMConfig) -> None:
+        self.tokenizer, self.cfg = tokenizer, cfg
+
+    def render(self, prompt: str) -> tuple[str, str]:
+        if self.cfg.prompt_style == "chat":
+            messages = [{"role": "user", "content": prompt}]
+            if self.cfg.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = (self.tokenizer.bos_token or "") + self.cfg.plain_template.format(prompt=prompt)
+        if AUDIO not in text:
+            raise ValueError(f"prompt has no {AUDIO} placeholder: {prompt!r}")
+        before, after = text.split(AUDIO, 1)
+        return before, after
+
+    def encode(self, prompt: str, target: str | None = None) -> tuple[list[int], list[int], list[int]]:
+        """Token ids before the audio, after it, and of the target (ending with EOS)."""
+        before, after = self.render(prompt)
+        enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        target_ids = [] if target is None else enc(target) + [self.tokenizer.eos_token_id]
+        return enc(before), enc(after), target_ids

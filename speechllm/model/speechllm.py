@@ -1,0 +1,88 @@
+"""Splicing adapter outputs into the LLM's input embeddings, the loss, and batched generation.
+
+Each example is ``[prompt before audio] [adapter outputs] [prompt after audio] [target + EOS]``.
+Labels are -100 everywhere but on the target, so the loss is on the response tokens only.
+Training pads on the right; generation pads on the left so that every row ends at the same
+position, and uses the KV cache of ``generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from speechllm.model.adapter import FrameStackAdapter
+from speechllm.model.llm import PromptFormatter
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """One tokenised example; ``feats`` are the Whisper frames ``[T, D]``."""
+
+    feats: torch.Tensor
+    before: list[int]
+    after: list[int]
+    target: list[int]
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, llm: nn.Module, tokenizer, adapter: FrameStackAdapter, formatter: PromptFormatter) -> None:
+        super().__init__()
+        self.llm, self.adapter = llm, adapter
+        self.tokenizer, self.formatter = tokenizer, formatter
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.adapter.parameters()).device
+
+    def encode(self, feats: torch.Tensor, prompt: str, target: str | None = None) -> Encoded:
+        return Encoded(feats, *self.formatter.encode(prompt, target))
+
+    def _embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def audio_embeddings(self, items: list[Encoded]) -> list[torch.Tensor]:
+        lengths = torch.tensor([len(it.feats) for it in items], device=self.device)
+        feats = nn.utils.rnn.pad_sequence([it.feats for it in items], batch_first=True).to(self.device)
+        out, out_lengths = self.adapter(feats, lengths)
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        return [out[i, : out_lengths[i]].to(dtype) for i in range(len(items))]
+
+    def build_batch(self, items: list[Encoded], padding_side: str) -> dict[str, torch.Tensor]:
+        """``inputs_embeds``, ``attention_mask`` and ``labels`` for a list of examples."""
+        audio = self.audio_embeddings(items)
+        rows, labels = [], []
+        for item, a in zip(items, audio):
+            parts = [self._embed_tokens(item.before), a, self._embed_tokens(item.after)]
+            if item.target:
+                parts.append(self._embed_tokens(item.target))
+            rows.append(torch.cat(parts))
+            n_prompt = len(item.before) + len(a) + len(item.after)
+            labels.append(torch.tensor([IGNORE_INDEX] * n_prompt + item.target, device=self.device))
+        width = max(len(r) for r in rows)
+        dim = rows[0].shape[1]
+        embeds = rows[0].new_zeros(len(rows), width, dim)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        label_pad = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long, device=self.device)
+        for i, (row, lab) in enumerate(zip(rows, labels)):
+            span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+            embeds[i, span], mask[i, span], label_pad[i, span] = row, 1, lab
+        return {"inputs_embeds": embeds, "attention_mask": mask, "labels": label_pad}
+
+    def forward(self, items: list[Encoded]) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens of the batch."""
+        batch = self.build_batch(items, padding_side="right")
+        return self.llm(**batch).loss
+
+    @torch.no_grad()
+    def generate(self, items: list[Encoded], max_new_tokens: int = 256, num_beams: int = 1) -> list[str]:
+        batch = self.build_batch(items, padding_side="left")
+        out = self.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]

@@ -1,0 +1,79 @@
+"""Turn a generated answer into a slot dict without ever raising.
+
+The model is trained to emit JSON (double quotes); the paper prints Python dicts (single quotes).
+Both are accepted so that outputs of other systems can be scored with the same code.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+
+_RESPONSE_RE = re.compile(r"<response>(.*?)(?:</response>|$)", re.DOTALL)
+
+
+@dataclass
+class ParsedOutput:
+    slots: dict[str, str]
+    parseable: bool
+
+
+def _first_braced(text: str) -> str | None:
+    """Return the first balanced ``{...}`` substring, honouring quoted strings."""
+    start = text.find("{")
+    while start != -1:
+        depth, quote, escape = 0, None, False
+        for i in range(start, len(text)):
+            ch = text[i]
+            if quote:
+                if escape:
+                    escape = False
+                elif ch == "\\":
+                    escape = True
+                elif ch == quote:
+                    quote = None
+            elif ch in "\"'":
+                # an apostrophe inside a word (e.g. "it's") is not a quote
+                if ch == "'" and i > 0 and text[i - 1].isalnum() and i + 1 < len(text) and text[i + 1].isalnum():
+                    continue
+                quote = ch
+            elif ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start : i + 1]
+        start = text.find("{", start + 1)
+    return None
+
+
+def response_part(text: str) -> str:
+    """The part of a generation that holds the answer: the ``<response>`` body, else everything."""
+    match = _RESPONSE_RE.search(text)
+    if match:
+        return match.group(1)
+    if "</thinking>" in text:
+        return text.split("</thinking>", 1)[1]
+    return text
+
+
+def parse_slots(text: str) -> ParsedOutput:
+    """Extract the slot dict of a generation; unparseable output gives ``({}, parseable=False)``."""
+    body = _first_braced(response_part(text))
+    if body is None:
+        return ParsedOutput({}, False)
+    for loader in (json.loads, ast.literal_eval):
+        try:
+            value = loader(body)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            return ParsedOutput({str(k): "None" if v is None else str(v) for k, v in value.items()}, True)
+    return ParsedOutput({}, False)
+
+
+def format_slots(slots: dict[str, str]) -> str:
+    """The canonical target string: JSON with double quotes, keys in the given order."""
+    return json.dumps(slots, ensure_ascii=False)

@@ -1,0 +1,269 @@
+"""Stage 3: LoRA/QLoRA fine-tuning of the speech LLM with the paper's schedule.
+
+AdamW, linear warm-up over the first ``warmup_ratio`` of the optimizer steps then cosine decay,
+gradient clipping, gradient accumulation. Only the adapter and LoRA weights train.
+
+The experiment dir receives ``checkpoints/step_N/`` (trainable weights, optimizer, scheduler, step,
+data position and RNG states: a killed run resumes where it stopped), ``model/`` (the final model),
+``tensorboard/``, ``train_log.jsonl`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from speechllm.config import from_dict
+from speechllm.data import Example, bucketed_batches, load_feats
+from speechllm.io_utils import atomic_write
+from speechllm.model.builder import ModelSpec, build_speechllm, save_model
+from speechllm.model.llm import LLMConfig, build_tiny
+from speechllm.model.speechllm import Encoded, SpeechLLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    grad_accum: int = 8
+    epochs: float = 10
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    lr: float = 2e-4
+    adapter_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.2
+    grad_clip: float = 1.0
+    adapter_hidden: int = 2048
+    stack: int = 4
+    seed: int = 1
+    bucket_batches: int = 50
+    log_every: int = 5
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    valid_max_examples: int = 200
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass
+class _Item:
+    """A tokenised example; features stay on disk until its batch is built."""
+
+    example: Example
+    before: list[int]
+    after: list[int]
+    target: list[int]
+    n_frames: int
+
+
+class Trainer:
+    def __init__(self, model: SpeechLLM, spec: ModelSpec, cfg: TrainConfig, train: list[Example],
+                 valid: list[Example], outdir: Path, base_path: Path | None = None) -> None:
+        self.model, self.spec, self.cfg = model, spec, cfg
+        self.outdir, self.base_path = outdir, base_path
+        self.train_items = [self._encode(e) for e in tqdm(train, desc="tokenise train", unit="ex")]
+        self.valid_items = [self._encode(e) for e in valid[: cfg.valid_max_examples]]
+        self.lengths = [len(it.before) + len(it.after) + len(it.target) + it.n_frames // cfg.stack
+                        for it in self.train_items]
+        self.batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
+        adapter_params = list(model.adapter.parameters())
+        lora_params = [p for p in model.llm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": adapter_params, "lr": cfg.adapter_lr or cfg.lr}, {"params": lora_params, "lr": cfg.lr}],
+            weight_decay=cfg.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps),
+                                                         self.total_steps)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+
+    def _encode(self, example: Example) -> _Item:
+        before, after, target = self.model.formatter.encode(example.prompt, example.target)
+        return _Item(example, before, after, target, example.n_frames)
+
+    def _batch(self, items: list[_Item]) -> list[Encoded]:
+        return [Encoded(load_feats(it.example), it.before, it.after, it.target) for it in items]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        ckpt = self.outdir / "checkpoints" / f"step_{self.step:07d}"
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save({"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                    "position": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}},
+                   tmp / "state.pt")
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp.rename(ckpt)
+        for old in sorted((self.outdir / "checkpoints").glob("step_???????"))[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+
+    def maybe_resume(self) -> None:
+        ckpts = sorted((self.outdir / "checkpoints").glob("step_???????"))
+        if not ckpts:
+            return
+        state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+        missing = set(self.trainable_state()) - set(state["trainable"])
+        if missing:
+            raise RuntimeError(f"{ckpts[-1]} does not match this model (missing {sorted(missing)[:3]}...)")
+        self.model.load_state_dict(state["trainable"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        pos = state["position"]
+        self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpts[-1], self.step, self.epoch,
+                 self.batch_in_epoch)
+
+    # -- loop ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        if not self.valid_items:
+            return float("nan")
+        self.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(self.valid_items), self.cfg.batch_size):
+            chunk = self.valid_items[start : start + self.cfg.batch_size]
+            n_tokens = sum(len(it.target) for it in chunk)
+            total += self.model(self._batch(chunk)).item() * n_tokens
+            count += n_tokens
+        self.model.train()
+        return total / max(count, 1)
+
+    def train(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg = self.cfg
+        self.maybe_resume()
+        writer = SummaryWriter(str(self.outdir / "tensorboard"))
+        log_path = self.outdir / "train_log.jsonl"
+        self.model.train()
+        log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d",
+                 len(self.train_items), self.total_steps, self.steps_per_epoch, cfg.batch_size * cfg.grad_accum)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
+        start, window_loss, window_n = time.time(), 0.0, 0
+        while self.step < self.total_steps:
+            batches = bucketed_batches(self.lengths, cfg.batch_size, cfg.seed, self.epoch, cfg.bucket_batches)
+            while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
+                group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.grad_accum]
+                for indices in group:
+                    loss = self.model(self._batch([self.train_items[i] for i in indices]))
+                    (loss / len(group)).backward()
+                    window_loss += loss.item()
+                    window_n += 1
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.batch_in_epoch += len(group)
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    record = {"step": self.step, "epoch": self.epoch, "loss": window_loss / window_n,
+                              "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": time.time() - start}
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    writer.add_scalar("train/loss", record["loss"], self.step)
+                    writer.add_scalar("train/lr", record["lr"], self.step)
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                    window_loss, window_n = 0.0, 0
+                if self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+            if self.batch_in_epoch >= len(batches):
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                valid_loss = self.validate()
+                writer.add_scalar("valid/loss", valid_loss, self.step)
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": self.step, "epoch": self.epoch, "valid_loss": valid_loss}) + "\n")
+        bar.close()
+        self.save_checkpoint()
+        save_model(self.model, self.spec, self.outdir / "model", self.base_path)
+        writer.close()
+        plot_losses(log_path, self.outdir / "loss.png")
+        log.info("training done: %d steps in %.1f s; model in %s", self.step, time.time() - start,
+                 self.outdir / "model")
+
+
+def plot_losses(log_path: Path, png: Path) -> None:
+    """Training (and validation) loss against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, valid = [], []
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                train.append((r["step"], r["loss"]))
+            elif "valid_loss" in r and not math.isnan(r["valid_loss"]):
+                valid.append((r["step"], r["valid_loss"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="valid")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (response tokens)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(png, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def feature_dim(example: Example) -> int:
+    return load_feats(example).shape[1]
+
+
+def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train: list[Example], valid: list[Example],
+                    outdir: Path) -> SpeechLLM:
+    """Build the model (and a tiny base LLM when the config asks for one), then train it."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    llm_cfg = from_dict(LLMConfig, llm_cfg_dict, "llm config")
+    base_path = None
+    if llm_cfg.tiny is not None:
+        base_path = outdir / "base_llm"
+        if not (base_path / "config.json").exists():
+            texts = [t for e in train for t in (e.prompt, e.target, e.text)]
+            build_tiny(llm_cfg, texts, base_path)
+    spec = ModelSpec(llm=llm_cfg_dict, feat_dim=feature_dim(train[0]), adapter_hidden=cfg.adapter_hidden,
+                     stack=cfg.stack)
+    model = build_speechllm(spec, base_path)
+    trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path)
+    trainer.train()
+    return model

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Local job backend with ESPnet's queue interface:
+#   run_local.sh [--gpu N] [--mem M] [--num_threads T] [--time T] [--max_jobs_run K] \
+#                [JOB=1:N] exp/log/name.JOB.log command args...
+# "JOB" in the log name and the command is replaced by the job index. Jobs run in parallel (at
+# most K at once, default: number of CPUs), each writing its own log. When any job fails, the
+# failing indices and their logs are printed and the exit status is 1.
+set -u
+
+max_jobs_run=$(nproc)
+num_threads=""
+while [[ $# -gt 0 && "$1" == --* ]]; do
+  case "$1" in
+    --gpu|--mem|--time|--config) shift 2 ;;  # accepted for interface parity; nothing to reserve locally
+    --num_threads) num_threads=$2; shift 2 ;;
+    --max_jobs_run) max_jobs_run=$2; shift 2 ;;
+    *) echo "$0: unknown option $1" >&2; exit 1 ;;
+  esac
+done
+
+var="" first=1 last=1
+if [[ $# -gt 0 && "$1" =~ ^([A-Za-z_][A-Za-z0-9_]*)=([0-9]+):([0-9]+)$ ]]; then
+  var=${BASH_REMATCH[1]} first=${BASH_REMATCH[2]} last=${BASH_REMATCH[3]}
+  shift
+fi
+if [[ $# -lt 2 ]]; then
+  echo "usage: $0 [options] [JOB=1:N] <log> <command> [args...]" >&2; exit 1
+fi
+log=$1; shift
+cmd=""
+for arg in "$@"; do cmd+="$(printf '%q' "$arg") "; done
+
+run_one() {
+  local i=$1 this_log=$2 this_cmd=$3
+  mkdir -p "$(dirname "$this_log")"
+  {
+    echo "# $this_cmd"
+    echo "# Started at $(date) on $(hostname)"
+  } > "$this_log"
+  local start=$SECONDS
+  ( [ -n "$num_threads" ] && export OMP_NUM_THREADS=$num_threads MKL_NUM_THREADS=$num_threads
+    eval "$this_cmd" ) >> "$this_log" 2>&1
+  local rc=$?
+  echo "# Accounting: time=$((SECONDS - start)) s, exit status $rc" >> "$this_log"
+  echo "# Ended at $(date)" >> "$this_log"
+  return $rc
+}
+
+declare -A pid_of
+declare -a failed=()
+for ((i = first; i <= last; i++)); do
+  if [ -n "$var" ]; then
+    this_log=${log//$var/$i}; this_cmd=${cmd//$var/$i}
+  else
+    this_log=$log; this_cmd=$cmd
+  fi
+  while [[ $(jobs -rp | wc -l) -ge $max_jobs_run ]]; do wait -n 2>/dev/null || true; done
+  run_one "$i" "$this_log" "$this_cmd" &
+  pid_of[$i]=$!
+done
+for ((i = first; i <= last; i++)); do
+  if ! wait "${pid_of[$i]}"; then failed+=("$i"); fi
+done
+
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "$0: ${#failed[@]} of $((last - first + 1)) job(s) failed:" >&2
+  for i in "${failed[@]}"; do
+    if [ -n "$var" ]; then echo "  $var=$i: see ${log//$var/$i}" >&2; else echo "  see $log" >&2; fi
+  done
+  exit 1
+fi
+exit 0
