@@ -8,7 +8,7 @@ setup(
     description="Spoken slot filling with speech LLMs: regular, reasoning and hybrid recipes",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    license="Apache-2.0",
+    license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["speechllm", "speechllm.*"]),
     install_requires=[

@@ -2,19 +2,12 @@
 # Turn "--name value" / "--name=value" arguments into assignments of already-defined shell
 # variables (dashes in names become underscores). Source it after defining the defaults:
 #   stage=0; nj=4; . utils/parse_options.sh
-# Unknown options are errors; "--help" prints the variables that can be set. Positional arguments
-# that follow the options are left in "$@".
+# Unknown options are errors; "--help" prints ${help_message} when the caller defines it.
+# Positional arguments that follow the options are left in "$@".
 
-__po_usage() {
-  echo "Options (current values):" >&2
-  local v
-  for v in ${__po_vars}; do echo "  --${v} ${!v}" >&2; done
-}
-
-__po_vars=$(compgen -v | tr '\n' ' ')
 while [ $# -gt 0 ]; do
   case "$1" in
-    --help|-h) __po_usage; exit 0 ;;
+    --help|-h) echo "${help_message:-Usage: $0 [--option value ...]}" >&2; exit 0 ;;
     --*=*) __po_name="${1%%=*}"; __po_value="${1#*=}"; shift ;;
     --*)
       __po_name="$1"
@@ -28,4 +21,4 @@ while [ $# -gt 0 ]; do
   fi
   printf -v "${__po_name}" '%s' "${__po_value}"
 done
-unset __po_name __po_value __po_vars
+unset __po_name __po_value

@@ -47,6 +47,9 @@ valid_set=dev
 test_sets="test"
 results_md=RESULTS.md
 
+help_message="Usage: $0 [--option value ...]. Options and their defaults:
+$(sed -n '/^# General$/,/^results_md=/p' "${BASH_SOURCE[0]}" | grep -E '^([a-z_]+=|# )')"
+
 # A preset is applied first so that explicit flags override it.
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -196,7 +199,7 @@ stage5() {
   done
   log "Stage 5: writing ${results_md}"
   python -m speechllm.bin.results --decode_dirs "${ddirs[@]}" --stage_times "${stage_times}" \
-    --command "$0 ${args[*]}" --output "${results_md}"
+    --command "${SF_COMMAND:-$0 ${args[*]}}" --output "${results_md}"
 }
 
 for s in 0 1 2 3 4 5; do

@@ -7,6 +7,7 @@ set -euo pipefail
 
 [ -f ../../../tools/venv/.installed ] || ../../../tools/install.sh
 
+export SF_COMMAND="$0 $*"  # recorded in RESULTS.md
 # corpus sizes are local/data.sh's defaults; presets and --local_data_opts change them
 ./sf.sh \
   --train_set train --valid_set dev --test_sets test \

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny models built from configs and small feature sets written with kaldiio."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import kaldiio
+import numpy as np
+import pytest
+import torch
+
+from speechllm.model.builder import ModelSpec, build_speechllm
+from speechllm.model.llm import LLMConfig, build_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "egs" / "callcenter" / "sf1"
+
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+              "tie_word_embeddings": True, "initializer_range": 0.3}
+
+
+def tiny_llm_dict(**overrides) -> dict:
+    cfg = {"tiny": dict(TINY_LLAMA), "tiny_vocab_size": 400, "prompt_style": "chat"}
+    cfg.update(overrides)
+    return cfg
+
+
+def make_tiny_speechllm(tmp_path: Path, texts: list[str], feat_dim: int = 16, llm: dict | None = None,
+                        adapter_hidden: int = 32):
+    llm = llm or tiny_llm_dict()
+    base = build_tiny(LLMConfig(**llm), texts, tmp_path / "base_llm")
+    spec = ModelSpec(llm=llm, feat_dim=feat_dim, adapter_hidden=adapter_hidden, stack=4)
+    return build_speechllm(spec, base), spec, base
+
+
+def write_examples(tmp_path: Path, rows: list[dict], feat_dim: int = 16, seed: int = 0) -> Path:
+    """Write random features for each row into an ark and the rows (with ``feats``) into a JSONL file."""
+    rng = np.random.default_rng(seed)
+    ark, scp = tmp_path / "feats.ark", tmp_path / "feats.scp"
+    with kaldiio.WriteHelper(f"ark,scp:{ark},{scp}") as writer:
+        for row in rows:
+            writer(row["utt_id"], rng.standard_normal((row.pop("n_frames_to_make", 40), feat_dim)).astype(np.float32))
+    locations = dict(line.split(" ", 1) for line in scp.read_text().splitlines())
+    path = tmp_path / "examples.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            row = {"id": row["utt_id"], "mode": "regular", "text": "", **row, "feats": locations[row["utt_id"]]}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)

@@ -1,0 +1,93 @@
+"""Stage-2 sampling: context sizes, distractor counts, the 40 templates, targets and hybrid tags."""
+
+import json
+import re
+from collections import Counter
+from random import Random
+
+from speechllm import prompts
+from speechllm.formatting import build_examples, draw_prompt, reasoning_target, regular_target
+from speechllm.parsing import parse_slots
+
+INVENTORY = [f"label_{i}" for i in range(30)]
+
+
+def test_context_sizes_and_distractor_counts_cover_their_ranges():
+    contexts, distractors, templates = Counter(), Counter(), set()
+    history = ["turn one", "turn two", "turn three", "turn four"]
+    for i in range(3000):
+        rng = Random(i)
+        n_hist = i % 5  # 0..4 previous turns available
+        gold = {"label_1": "x"} if i % 2 else {}
+        draw = draw_prompt(rng, history[:n_hist], gold, INVENTORY, query_prob=0.5)
+        n_ctx = draw.prompt.count("\n- ") + draw.prompt.startswith("- ")
+        assert n_ctx <= min(3, n_hist)
+        contexts[n_ctx] += 1
+        if draw.queried is not None:
+            assert set(gold) <= set(draw.queried)
+            distractors[len(draw.queried) - len(gold)] += 1
+        for case, options in prompts.TEMPLATES.items():
+            for k, template in enumerate(options):
+                pattern = re.escape(template).replace(re.escape("{audio}"), re.escape(prompts.AUDIO))
+                pattern = pattern.replace(re.escape("{context}"), "(?s:.*)").replace(re.escape("{labels}"), ".*")
+                if re.fullmatch(pattern, draw.prompt):
+                    templates.add((case, k))
+    assert set(contexts) == {0, 1, 2, 3}
+    assert set(distractors) == {1, 2, 3, 4, 5}
+    assert len(templates) == 40
+
+
+def test_targets_list_every_queried_label():
+    queried = ("new_limit", "payment_amount", "review_period")
+    gold = {"payment_amount": "€30"}
+    assert json.loads(regular_target(gold, queried)) == {"new_limit": "None", "payment_amount": "€30",
+                                                         "review_period": "None"}
+    assert json.loads(regular_target(gold, None)) == {"payment_amount": "€30"}
+    reasoning = reasoning_target("I pay €30 a month.", gold, queried, {"payment_amount": "amount of a payment"})
+    assert reasoning.startswith("<thinking>\nI hear the utterance in the audio clip is \"I pay €30 a month.\"")
+    assert "mentions in the utterance are €30." in reasoning
+    assert "The labels queried for are new_limit, payment_amount, review_period." in reasoning
+    assert "payment_amount (amount of a payment)" in reasoning and "The others are all 'None'." in reasoning
+    assert parse_slots(reasoning).slots == json.loads(regular_target(gold, queried))
+
+
+def _data_dir(tmp_path):
+    data, dump = tmp_path / "data", tmp_path / "dump"
+    data.mkdir()
+    dump.mkdir()
+    utts = [f"c1_{'agent' if t % 2 == 0 else 'customer'}_{t:03d}" for t in range(6)]
+    (data / "text").write_text("".join(f"{u} text of turn {i}\n" for i, u in enumerate(utts)))
+    (data / "utt2conv").write_text("".join(f"{u} c1\n" for u in utts))
+    (data / "utt2turn").write_text("".join(f"{u} {i}\n" for i, u in enumerate(utts)))
+    (data / "slots.jsonl").write_text("".join(json.dumps({"utt_id": u, "slots": {"a": "turn"} if i % 2 else {}})
+                                              + "\n" for i, u in enumerate(utts)))
+    (data / "slot_inventory.json").write_text(json.dumps({"a": "desc a", "b": "desc b", "c": "desc c"}))
+    (dump / "feats.scp").write_text("".join(f"{u} feats.ark:{i}\n" for i, u in enumerate(utts)))
+    (dump / "text_asr").write_text("".join(f"{u} asr of turn {i}\n" for i, u in enumerate(utts)))
+    return data, dump, utts
+
+
+def test_build_examples_is_seeded_and_modes_share_prompts(tmp_path):
+    data, dump, utts = _data_dir(tmp_path)
+    a = build_examples(data, dump, seed=3)
+    b = build_examples(data, dump, seed=3)
+    assert a == b
+    assert a != build_examples(data, dump, seed=4)
+    assert len(a["regular"]) == len(a["reasoning"]) == len(utts) and len(a["hybrid"]) == 2 * len(utts)
+    for reg, rea in zip(a["regular"], a["reasoning"]):
+        assert reg["prompt"] == rea["prompt"] and reg["slots"] == rea["slots"]
+        assert "asr of turn" in reg["prompt"] or "- " not in reg["prompt"]  # context from ASR
+    tags = Counter(row["prompt"].rsplit(" ", 1)[1] for row in a["hybrid"])
+    assert tags == {prompts.THINK: len(utts), prompts.NO_THINK: len(utts)}
+    for row in a["hybrid"]:
+        assert row["target"].startswith("<thinking>") == row["prompt"].endswith(prompts.THINK)
+
+
+def test_context_comes_from_previous_turns_only(tmp_path):
+    data, dump, utts = _data_dir(tmp_path)
+    rows = build_examples(data, dump, seed=1, context_source="reference")["regular"]
+    for row in rows:
+        i = int(row["utt_id"].rsplit("_", 1)[1])  # rows are in id order; this is the turn index
+        mentioned = [int(m) for m in re.findall(r"- text of turn (\d+)", row["prompt"])]
+        assert all(t < i for t in mentioned) and len(mentioned) <= 3
+        assert mentioned == sorted(mentioned) and (not mentioned or mentioned[-1] == i - 1)

@@ -1,0 +1,45 @@
+"""The whole path learns: a tiny model memorises a few utterances through adapter and LoRA, and
+decoding those utterances' features gives back the exact targets (partial F1 = 1.0)."""
+
+import pytest
+
+from conftest import make_tiny_speechllm, write_examples
+from speechllm.data import read_examples
+from speechllm.decode import decode_examples
+from speechllm.formatting import reasoning_target, regular_target
+from speechllm.metrics import score_corpus
+from speechllm.train import TrainConfig, Trainer
+
+UTTERANCES = [
+    ("u1", "I pay thirty dollars monthly.", {"payment_amount": "thirty dollars", "payment_frequency": "monthly"},
+     ("payment_amount", "payment_frequency", "new_limit")),
+    ("u2", "Please raise my limit to five thousand.", {"new_limit": "five thousand"}, None),
+    ("u3", "Is there anything else I can help you with?", {}, ("review_period", "card_type")),
+    ("u4", "My name is Maria Garcia.", {"customer_name": "Maria Garcia"}, None),
+]
+DESCRIPTIONS = {"payment_amount": "amount of a payment", "new_limit": "requested new credit limit"}
+PROMPT = "<audio>\nFind slot values in the current audio. Format the output as JSON."
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["regular", "reasoning"])
+def test_overfit_few_utterances(tmp_path, mode):
+    rows = []
+    for utt, text, gold, queried in UTTERANCES:
+        target = (regular_target(gold, queried) if mode == "regular"
+                  else reasoning_target(text, gold, queried, DESCRIPTIONS))
+        rows.append({"utt_id": utt, "prompt": PROMPT, "target": target, "text": text, "mode": mode,
+                     "slots": gold, "n_frames_to_make": 48})
+    examples = read_examples(write_examples(tmp_path, rows))
+    model, spec, base = make_tiny_speechllm(tmp_path, [t for r in rows for t in (r["prompt"], r["target"])],
+                                            adapter_hidden=64)
+    cfg = TrainConfig(batch_size=4, grad_accum=1, max_steps=150 if mode == "regular" else 250, lr=5e-3,
+                      warmup_ratio=0.05, adapter_hidden=64, log_every=50, save_every=1000, seed=0)
+    Trainer(model, spec, cfg, examples, [], tmp_path / "exp", base).train()
+    model.eval()
+    results = decode_examples(model, examples, batch_size=4, max_new_tokens=400)
+    for example, result in zip(sorted(examples, key=lambda e: e.id), results):
+        assert result["output"] == example.target
+    scores = score_corpus({e.id: e.slots for e in examples}, {r["id"]: (r["slots"], r["parseable"]) for r in results})
+    assert scores["partial"]["f1"] == 1.0 and scores["exact"]["f1"] == 1.0
+    assert (tmp_path / "exp" / "model" / "speechllm.yaml").exists() and (tmp_path / "exp" / "loss.png").exists()

@@ -1,0 +1,99 @@
+"""End to end: the call-centre recipe's mini preset runs stages 0-5 on CPU, and reruns are safe."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import kaldiio
+import pytest
+
+from conftest import REPO, RECIPE
+
+MODES = {"regular": ["regular"], "reasoning": ["reasoning"], "hybrid": ["hybrid_no_think", "hybrid_think"]}
+
+
+def run(recipe: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["./run.sh", *args], cwd=recipe, capture_output=True, text=True, timeout=1800)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """A private copy of the recipe (shared code linked in), so runs never touch the source tree."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: run tools/install.sh (as root it installs it)")
+    root = tmp_path_factory.mktemp("repo")
+    for name in ("utils", "tools", "speechllm"):
+        (root / name).symlink_to(REPO / name)
+    (root / "egs" / "TEMPLATE").mkdir(parents=True)
+    (root / "egs" / "TEMPLATE" / "sf1").symlink_to(REPO / "egs" / "TEMPLATE" / "sf1")
+    shutil.copytree(RECIPE, root / "egs" / "callcenter" / "sf1", symlinks=True,
+                    ignore=shutil.ignore_patterns("data", "dump", "exp", "downloads"))
+    recipe = root / "egs" / "callcenter" / "sf1"
+    proc = run(recipe, "--preset", "mini")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return recipe
+
+
+@pytest.mark.slow
+def test_mini_preset_produces_every_stage_output(recipe, monkeypatch):
+    monkeypatch.chdir(recipe)  # scp files hold recipe-relative ark paths, as in ESPnet
+    for dset in ("train", "dev", "test"):
+        data = recipe / "data" / dset
+        for name in ("wav.scp", "text", "utt2spk", "utt2conv", "utt2turn", "slots.jsonl"):
+            assert (data / name).stat().st_size > 0, data / name
+        feats = dict(kaldiio.load_scp(str(recipe / "dump" / dset / "feats.scp")))
+        assert len(feats) == len((data / "wav.scp").read_text().splitlines())
+        assert next(iter(feats.values())).shape[1] == 64  # the tiny encoder's width
+        for mode in MODES:
+            assert (recipe / "dump" / dset / f"{mode}.jsonl").stat().st_size > 0
+    for mode, decode_modes in MODES.items():
+        exp = recipe / "exp" / f"tiny_llama_{mode}"
+        assert (exp / "model" / "adapter.pt").exists()
+        assert (exp / "model" / "lora" / "adapter_config.json").exists()
+        assert list((exp / "checkpoints").glob("step_*/state.pt"))
+        assert (exp / "loss.png").exists() and list((exp / "tensorboard").iterdir())
+        for name in decode_modes:
+            ddir = exp / f"decode_test_{name}"
+            hyps = (ddir / "hyp.jsonl").read_text().splitlines()
+            n_refs = len((recipe / "data" / "test" / "wav.scp").read_text().splitlines())
+            assert len(hyps) == n_refs
+            scores = json.loads((ddir / "score" / "scores.json").read_text())
+            for metric in ("partial", "exact", "slu_f1"):
+                assert set(scores[metric]) >= {"precision", "recall", "f1"}
+                assert 0.0 <= scores[metric]["f1"] <= 1.0
+            assert scores["n_utts"] == n_refs and scores["n_missing"] == 0
+            assert "per_slot" in scores and "n_unparseable" in scores
+    results = (recipe / "exp" / "RESULTS.md").read_text()
+    assert "Table 1" in results and "hybrid_think" in results and "tiny_llama" in results
+
+
+@pytest.mark.slow
+def test_rerunning_stages_is_safe(recipe):
+    jsonl = recipe / "dump" / "train" / "regular.jsonl"
+    before = sha(jsonl)
+    proc = run(recipe, "--preset", "mini", "--stage", "2", "--stop_stage", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sha(jsonl) == before  # stage 2 is seeded: rerunning rewrites the same bytes
+
+    untouched = {p: p.stat().st_mtime_ns for p in [jsonl, recipe / "dump/train/feats.scp",
+                                                    recipe / "data/train/wav.scp"]}
+    proc = run(recipe, "--preset", "mini", "--stage", "3", "--mode", "regular", "--tag", "again")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
+    scores = recipe / "exp" / "tiny_llama_regular_again" / "decode_test_regular" / "score" / "scores.json"
+    assert json.loads(scores.read_text())["n_utts"] > 0
+
+
+@pytest.mark.slow
+def test_unknown_llm_fails_with_the_list_of_names(recipe):
+    proc = run(recipe, "--preset", "mini", "--stage", "3", "--llm", "nonexistent")
+    assert proc.returncode != 0
+    assert "unknown --llm 'nonexistent'" in proc.stdout + proc.stderr
+    assert "tiny_llama" in proc.stdout + proc.stderr and "smollm2_135m" in proc.stdout + proc.stderr
