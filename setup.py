@@ -22,6 +22,9 @@ setup(
             "speechllm-train=speechllm.bin.train:main",
             "speechllm-decode=speechllm.bin.decode:main",
             "speechllm-score=speechllm.bin.score:main",
+            "speechllm-transcribe=speechllm.bin.transcribe:main",
+            "speechllm-infer=speechllm.bin.infer:main",
+            "speechllm-install-models=speechllm.pretrained:main",
         ]
     },
 )

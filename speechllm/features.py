@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from math import gcd
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,11 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 import whisper
+from scipy.signal import resample_poly
 from whisper.model import ModelDimensions, Whisper
 
 from speechllm.config import load_yaml_dataclass
+from speechllm.pretrained import whisper_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,23 @@ class WhisperConfig:
     asr_max_tokens: int | None = None  # cap on ASR hypothesis length (None: Whisper's default)
 
 
+def resolve_whisper(name_or_path: str) -> str:
+    """A checkpoint path: the file itself, the converted offline copy in the model cache, or
+    else the name for ``whisper.load_model`` to download."""
+    if Path(name_or_path).is_file():
+        return name_or_path
+    cached = whisper_checkpoint(name_or_path)
+    return str(cached) if cached.is_file() else name_or_path
+
+
 def load_whisper(cfg: WhisperConfig, device: str = "cpu") -> Whisper:
     if cfg.random_init_dims:
         torch.manual_seed(cfg.seed)
         model = Whisper(ModelDimensions(**cfg.random_init_dims))
         return model.to(device).eval()
-    return whisper.load_model(cfg.name_or_path, device=device, download_root=cfg.download_root).eval()
+    source = resolve_whisper(cfg.name_or_path)
+    log.info("loading Whisper from %s", source)
+    return whisper.load_model(source, device=device, download_root=cfg.download_root).eval()
 
 
 def load_whisper_spec(spec: str, device: str = "cpu") -> tuple[Whisper, WhisperConfig]:
@@ -54,11 +68,13 @@ def load_whisper_spec(spec: str, device: str = "cpu") -> tuple[Whisper, WhisperC
 
 
 def read_audio(path: str) -> np.ndarray:
-    """Mono float32 at 16 kHz; raises ``ValueError`` on other sample rates."""
+    """Mono float32 at 16 kHz (other rates are resampled)."""
     audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
     if sr != SAMPLE_RATE:
-        raise ValueError(f"{path}: sample rate {sr}, expected {SAMPLE_RATE}")
-    return audio.mean(axis=1)
+        g = gcd(sr, SAMPLE_RATE)
+        audio = resample_poly(audio, SAMPLE_RATE // g, sr // g).astype(np.float32)
+    return audio
 
 
 @torch.no_grad()

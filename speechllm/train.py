@@ -250,7 +250,7 @@ def feature_dim(example: Example) -> int:
 
 
 def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train: list[Example], valid: list[Example],
-                    outdir: Path) -> SpeechLLM:
+                    outdir: Path, whisper: str | None = None, mode: str | None = None) -> SpeechLLM:
     """Build the model (and a tiny base LLM when the config asks for one), then train it."""
     outdir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
@@ -262,7 +262,7 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train: list[Example], 
             texts = [t for e in train for t in (e.prompt, e.target, e.text)]
             build_tiny(llm_cfg, texts, base_path)
     spec = ModelSpec(llm=llm_cfg_dict, feat_dim=feature_dim(train[0]), adapter_hidden=cfg.adapter_hidden,
-                     stack=cfg.stack)
+                     stack=cfg.stack, whisper=whisper, mode=mode)
     model = build_speechllm(spec, base_path)
     trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path)
     trainer.train()

@@ -2,9 +2,9 @@
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import kaldiio
@@ -97,3 +97,26 @@ def test_unknown_llm_fails_with_the_list_of_names(recipe):
     assert proc.returncode != 0
     assert "unknown --llm 'nonexistent'" in proc.stdout + proc.stderr
     assert "tiny_llama" in proc.stdout + proc.stderr and "smollm2_135m" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_infer_prints_one_json_line_per_wav(recipe, tmp_path):
+    import soundfile as sf
+
+    from speechllm.corpus.synth import synthesize
+
+    wav = tmp_path / "turn.wav"
+    sf.write(wav, synthesize("I'd like to raise my credit limit to $5,000.", "en-us+f2", 160, 50), 16000)
+    cases = [("tiny_llama_regular", []), ("tiny_llama_hybrid", ["--think"]),
+             ("tiny_llama_hybrid", ["--no_think", "--slots", "new_limit,payment_amount"])]
+    for exp, flags in cases:
+        proc = subprocess.run([sys.executable, "-m", "speechllm.bin.infer", "--exp", str(recipe / "exp" / exp),
+                               *flags, str(wav), str(wav)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+        assert len(lines) == 2 and lines[0] == lines[1]
+        assert lines[0]["file"] == str(wav) and isinstance(lines[0]["slots"], dict)
+    proc = subprocess.run([sys.executable, "-m", "speechllm.bin.infer", "--exp",
+                           str(recipe / "exp" / "tiny_llama_regular"), "--think", str(wav)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "regular mode" in proc.stderr

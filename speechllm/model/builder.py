@@ -31,6 +31,8 @@ class ModelSpec:
     adapter_hidden: int = 2048
     stack: int = 4
     base_llm: str | None = None  # saved base weights (tiny models), relative to the model dir
+    whisper: str | None = None  # the encoder the features came from (name, checkpoint or YAML)
+    mode: str | None = None  # regular | reasoning | hybrid: how the model was trained
 
     @property
     def llm_config(self) -> LLMConfig:

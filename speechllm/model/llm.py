@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from speechllm.pretrained import llm_dir
 from speechllm.prompts import AUDIO
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ TINY_CHAT_TEMPLATE = (
 
 @dataclass
 class LLMConfig:
-    name_or_path: str | None = None
+    name_or_path: str | None = None  # hub ID or local directory
+    local_cache: str | None = None  # converted offline copy: $MODEL_CACHE/llm/<local_cache>, used when present
     gguf_file: str | None = None
     tiny: dict | None = None  # transformers config kwargs incl. model_type; builds a random model
     tiny_vocab_size: int = 1000
@@ -87,7 +89,10 @@ def build_tiny(cfg: LLMConfig, texts: Iterable[str], outdir: Path) -> Path:
 
 def load_llm(cfg: LLMConfig, path: str | Path | None = None):
     """Load the frozen foundation model and its tokenizer (``path`` overrides ``name_or_path``)."""
+    if path is None and cfg.local_cache and (llm_dir(cfg.local_cache) / "config.json").exists():
+        path = llm_dir(cfg.local_cache)
     source = str(path or cfg.name_or_path)
+    log.info("loading the LLM from %s", source)
     kwargs: dict = {"dtype": getattr(torch, cfg.dtype)}
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file

@@ -10,10 +10,7 @@
 #   5 scoring                 .../score/scores.json and ${results_md}
 set -euo pipefail
 
-log() {
-  local fname=${BASH_SOURCE[1]##*/}
-  echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
-}
+. utils/log.sh
 
 # General
 stage=0
@@ -140,7 +137,7 @@ stage3() {
     ${train_cmd} --gpu "${ngpu}" "${expdir}/train.log" \
       python -m speechllm.bin.train --train_jsonl "dump/${train_set}/${m}.jsonl" \
       --valid_jsonl "dump/${valid_set}/${m}.jsonl" --llm_config "${expdir}/llm.yaml" \
-      --train_config "${expdir}/train.yaml" --outdir "${expdir}"
+      --train_config "${expdir}/train.yaml" --outdir "${expdir}" --whisper "${whisper}" --mode "${m}"
     log "$(grep 'training done' "${expdir}/train.log" | tail -1 | sed 's/.*INFO: //')"
   done
 }

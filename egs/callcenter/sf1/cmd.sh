@@ -1,6 +1,6 @@
 # Job backends, ESPnet style. Every backend takes
 #   ${cmd} [--gpu N] [--mem M] [--num_threads T] [--time T] [--max_jobs_run K] [JOB=1:N] LOG command...
-# cmd_backend: local (this machine). The Slurm backend is added with utils/run_slurm.sh.
+# cmd_backend: local (this machine).
 cmd_backend=${cmd_backend:-local}
 
 case "${cmd_backend}" in

@@ -3,10 +3,7 @@
 # Kaldi-style data dirs data/{train,dev,test}.
 set -euo pipefail
 
-log() {
-  local fname=${BASH_SOURCE[1]##*/}
-  echo -e "$(date '+%Y-%m-%dT%H:%M:%S') (${fname}:${BASH_LINENO[0]}:${FUNCNAME[1]}) $*"
-}
+. utils/log.sh
 
 num_calls=300
 num_dev=20
