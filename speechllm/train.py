@@ -24,9 +24,12 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from speechllm.align import AdapterAligner
 from speechllm.config import from_dict
 from speechllm.data import Example, bucketed_batches, load_feats
+from speechllm.decode import decode_examples
 from speechllm.io_utils import atomic_write
+from speechllm.metrics import score_corpus
 from speechllm.model.builder import ModelSpec, build_speechllm, save_model
 from speechllm.model.llm import LLMConfig, build_tiny
 from speechllm.model.speechllm import Encoded, SpeechLLM
@@ -53,6 +56,16 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     valid_max_examples: int = 200
+    # adapter alignment phase (beyond the paper; 0 steps = off): CTC onto the LLM's embeddings
+    align_steps: int = 0
+    align_batch_size: int = 16
+    align_lr: float = 1.0e-3
+    align_eval_every: int = 50
+    # budgets and learning curves
+    max_minutes: float | None = None  # stop after this much training time (alignment included)
+    eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
+    eval_max_examples: int = 40
+    eval_max_new_tokens: int = 128
 
 
 def set_seed(seed: int) -> None:
@@ -159,21 +172,63 @@ class Trainer:
         self.model.train()
         return total / max(count, 1)
 
+    @torch.no_grad()
+    def evaluate_f1(self) -> dict[str, float]:
+        """Decode (a share of) the valid set and score it: the learning-curve points."""
+        examples = [it.example for it in self.valid_items[: self.cfg.eval_max_examples]]
+        self.model.eval()
+        results = decode_examples(self.model, examples, self.cfg.batch_size, self.cfg.eval_max_new_tokens)
+        self.model.train()
+        scores = score_corpus({e.id: e.slots for e in examples},
+                              {r["id"]: (r["slots"], r["parseable"]) for r in results})
+        return {"dev_partial_f1": scores["partial"]["f1"], "dev_exact_f1": scores["exact"]["f1"],
+                "dev_unparseable": scores["n_unparseable"], "dev_example": results[0]["output"] if results else ""}
+
+    def curve_point(self, writer, train_s: float) -> None:
+        """Append one learning-curve point (dev F1 after ``train_s`` seconds of training) to curve.jsonl."""
+        point = {"step": self.step, "train_s": train_s, **self.evaluate_f1()}
+        log.info("step %d (%.0f s of training): dev partial F1 %.3f, exact F1 %.3f; e.g. %r", self.step, train_s,
+                 point["dev_partial_f1"], point["dev_exact_f1"], point["dev_example"][:120])
+        writer.add_scalar("dev/partial_f1", point["dev_partial_f1"], self.step)
+        writer.add_scalar("dev/exact_f1", point["dev_exact_f1"], self.step)
+        with open(self.outdir / "curve.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(point) + "\n")
+
+    def align(self, writer) -> None:
+        """Run the CTC alignment phase once; a finished phase is reloaded, not repeated."""
+        done = self.outdir / "align" / "adapter.pt"
+        if done.exists():
+            self.model.adapter.load_state_dict(torch.load(done, map_location="cpu"))
+            log.info("alignment phase already done: adapter loaded from %s", done)
+            return
+        unique = lambda items: list({it.example.utt_id: it.example for it in items}.values())  # noqa: E731
+        aligner = AdapterAligner(self.model.adapter, self.model.llm.get_input_embeddings().weight,
+                                 self.model.tokenizer, self.cfg.align_lr, self.cfg.align_batch_size, self.cfg.seed)
+        aligner.run(unique(self.train_items), unique(self.valid_items), self.cfg.align_steps, done.parent, writer,
+                    self.cfg.align_eval_every)
+        with atomic_write(done, "wb") as f:
+            torch.save(self.model.adapter.state_dict(), f)
+
     def train(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         cfg = self.cfg
         self.maybe_resume()
         writer = SummaryWriter(str(self.outdir / "tensorboard"))
+        start = time.time()
+        if cfg.align_steps > 0 and self.step == 0:
+            self.align(writer)
+        excluded = 0.0  # seconds spent on learning-curve evaluation, not counted as training time
         log_path = self.outdir / "train_log.jsonl"
         self.model.train()
         log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d",
                  len(self.train_items), self.total_steps, self.steps_per_epoch, cfg.batch_size * cfg.grad_accum)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
-        start, window_loss, window_n = time.time(), 0.0, 0
-        while self.step < self.total_steps:
+        window_loss, window_n = 0.0, 0
+        out_of_time = False
+        while self.step < self.total_steps and not out_of_time:
             batches = bucketed_batches(self.lengths, cfg.batch_size, cfg.seed, self.epoch, cfg.bucket_batches)
-            while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
+            while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not out_of_time:
                 group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.grad_accum]
                 for indices in group:
                     loss = self.model(self._batch([self.train_items[i] for i in indices]))
@@ -190,7 +245,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     record = {"step": self.step, "epoch": self.epoch, "loss": window_loss / window_n,
-                              "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": time.time() - start}
+                              "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": time.time() - start - excluded}
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                     writer.add_scalar("train/loss", record["loss"], self.step)
                     writer.add_scalar("train/lr", record["lr"], self.step)
@@ -199,6 +254,11 @@ class Trainer:
                     window_loss, window_n = 0.0, 0
                 if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
+                out_of_time = cfg.max_minutes is not None and time.time() - start - excluded > 60 * cfg.max_minutes
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or out_of_time):
+                    eval_start = time.time()
+                    self.curve_point(writer, eval_start - start - excluded)
+                    excluded += time.time() - eval_start
             if self.batch_in_epoch >= len(batches):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 valid_loss = self.validate()
@@ -206,6 +266,9 @@ class Trainer:
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": self.step, "epoch": self.epoch, "valid_loss": valid_loss}) + "\n")
         bar.close()
+        if out_of_time:
+            log.info("stopped after %.1f min of training (max_minutes %s) at step %d of %d",
+                     (time.time() - start - excluded) / 60, cfg.max_minutes, self.step, self.total_steps)
         self.save_checkpoint()
         save_model(self.model, self.spec, self.outdir / "model", self.base_path)
         writer.close()

@@ -1,0 +1,82 @@
+"""The CTC alignment phase: greedy CTC decoding, and an adapter that learns to emit token embeddings."""
+
+import json
+
+import kaldiio
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_speechllm
+from speechllm.align import AdapterAligner, greedy_ctc
+from speechllm.data import read_examples
+
+WORDS = "pay thirty dollars monthly raise limit five thousand name maria garcia card".split()
+
+
+def test_greedy_ctc_merges_repeats_and_drops_blanks():
+    # frames: a a blank a b b blank -> ids (shifted back by one): a-1, a-1, b-1
+    frames = [2, 2, 0, 2, 3, 3, 0]
+    logits = torch.nn.functional.one_hot(torch.tensor([frames]), 5).float()
+    assert greedy_ctc(logits, torch.tensor([7])) == [[1, 1, 2]]
+    assert greedy_ctc(logits, torch.tensor([3])) == [[1]]
+
+
+def _utterances(tokenizer, n: int, feat_dim: int, seed: int = 0):
+    """Synthetic 'speech': each token is a fixed random pattern held for 8 frames (2 adapter outputs)."""
+    rng = np.random.default_rng(seed)
+    patterns = {}
+    rows = []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 5))))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for t in ids:
+            patterns.setdefault(t, rng.standard_normal(feat_dim).astype(np.float32))
+        feats = np.concatenate([np.repeat(patterns[t][None], 8, 0) for t in ids])
+        rows.append({"utt_id": f"u{i:03d}", "prompt": "<audio>", "target": "{}", "slots": {}, "text": text,
+                     "feats_array": feats + 0.05 * rng.standard_normal(feats.shape).astype(np.float32)})
+    return rows
+
+
+@pytest.mark.slow
+def test_ctc_alignment_learns_to_transcribe(tmp_path):
+    texts = [" ".join(WORDS)] * 50
+    model, _, _ = make_tiny_speechllm(tmp_path, texts, adapter_hidden=64)
+    rows = _utterances(model.tokenizer, 48, 16)
+    with kaldiio.WriteHelper(f"ark,scp:{tmp_path}/a.ark,{tmp_path}/a.scp") as w:
+        for r in rows:
+            w(r["utt_id"], r.pop("feats_array"))
+    scp = dict(line.split(" ", 1) for line in (tmp_path / "a.scp").read_text().splitlines())
+    with open(tmp_path / "ex.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"id": r["utt_id"], **r, "feats": scp[r["utt_id"]]}) + "\n")
+    examples = read_examples(tmp_path / "ex.jsonl")
+    embeddings = model.llm.get_input_embeddings().weight
+    frozen = embeddings.detach().clone()
+    aligner = AdapterAligner(model.adapter, embeddings, model.tokenizer, lr=3e-3, batch_size=16)
+    wer_before, _ = aligner.wer(examples[:16])
+    history = aligner.run(examples, examples[:16], steps=300, outdir=tmp_path / "align", eval_every=100)
+    assert wer_before > 0.8
+    assert history[-1]["valid_wer"] < 0.2, history
+    assert history[-1]["ctc_loss"] < history[0]["ctc_loss"]
+    assert torch.equal(model.llm.get_input_embeddings().weight, frozen)  # the LLM stays frozen
+    assert (tmp_path / "align" / "align_log.jsonl").exists()
+
+
+def test_trainer_runs_the_alignment_phase_once(tmp_path):
+    from conftest import write_examples
+    from speechllm.train import TrainConfig, Trainer
+
+    rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
+             "text": "pay thirty dollars"} for i in range(4)]
+    examples = read_examples(write_examples(tmp_path, rows))
+    model, spec, base = make_tiny_speechllm(tmp_path, ["pay thirty dollars <audio> Find slots. {}"] * 20)
+    cfg = TrainConfig(batch_size=2, grad_accum=1, max_steps=2, align_steps=6, align_batch_size=2,
+                      align_eval_every=3, save_every=100, eval_every=2, eval_max_examples=2, eval_max_new_tokens=4)
+    Trainer(model, spec, cfg, examples, examples, tmp_path / "exp", base).train()
+    log_lines = (tmp_path / "exp" / "align" / "align_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log_lines] == [3, 6]
+    aligned = torch.load(tmp_path / "exp" / "align" / "adapter.pt")
+    assert set(aligned) == set(model.adapter.state_dict())
+    (point,) = [json.loads(line) for line in (tmp_path / "exp" / "curve.jsonl").read_text().splitlines()]
+    assert point["step"] == 2 and 0.0 <= point["dev_partial_f1"] <= 1.0 and point["train_s"] > 0
