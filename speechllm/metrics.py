@@ -21,7 +21,6 @@ metric too (the counting function itself is SLURP's, unchanged).
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass

@@ -68,7 +68,9 @@ def read_ct2(path: str | Path) -> dict[str, np.ndarray]:
     version = take("<I")
     if version != 6:
         raise ValueError(f"{path}: CTranslate2 model version {version}, expected 6")
-    spec, _revision, count = string(), take("<I"), take("<I")
+    spec = string()
+    take("<I")  # spec revision
+    count = take("<I")
     if spec != "WhisperSpec":
         raise ValueError(f"{path}: spec {spec!r} is not a Whisper model")
     variables: dict[str, np.ndarray] = {}

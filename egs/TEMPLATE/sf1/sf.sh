@@ -100,7 +100,8 @@ stage0() {
 
 stage1() {
   for dset in ${all_sets}; do
-    log "Stage 1: Whisper (${whisper}) features and ASR of data/${dset} in ${nj} jobs -> dump/${dset}"
+    log "Stage 1: Whisper (${whisper}) features$([ "${asr}" = true ] && echo " and ASR") of data/${dset}" \
+      "in ${nj} jobs -> dump/${dset}"
     local split=dump/${dset}/split${nj}
     rm -rf "${split}"
     ${feats_cmd} JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
