@@ -108,6 +108,16 @@ def _fused(sd: dict, dst: str, names: tuple[str, ...], v: dict, src: str) -> Non
             sd[f"{dst}.{name}.bias"] = b
 
 
+def _block(sd: dict, dst: str, v: dict, src: str) -> None:
+    """Self-attention and feed-forward parts shared by encoder and decoder layers."""
+    _norm(sd, f"{dst}.attn_ln", v, f"{src}/self_attention/layer_norm")
+    _fused(sd, f"{dst}.attn", ("query", "key", "value"), v, f"{src}/self_attention/linear_0")
+    _linear(sd, f"{dst}.attn.out", v, f"{src}/self_attention/linear_1")
+    _norm(sd, f"{dst}.mlp_ln", v, f"{src}/ffn/layer_norm")
+    _linear(sd, f"{dst}.mlp.0", v, f"{src}/ffn/linear_0")
+    _linear(sd, f"{dst}.mlp.2", v, f"{src}/ffn/linear_1")
+
+
 def ct2_to_whisper(variables: dict[str, np.ndarray]) -> dict:
     """An openai-whisper checkpoint (``{"dims", "model_state_dict"}``) from CTranslate2 variables."""
     from whisper.model import ModelDimensions
@@ -130,28 +140,17 @@ def ct2_to_whisper(variables: dict[str, np.ndarray]) -> dict:
     sd["encoder.positional_embedding"] = variables["encoder/position_encodings/encodings"]
     _norm(sd, "encoder.ln_post", variables, "encoder/layer_norm")
     for i in range(n_enc):
-        src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
-        _norm(sd, f"{dst}.attn_ln", variables, f"{src}/self_attention/layer_norm")
-        _fused(sd, f"{dst}.attn", ("query", "key", "value"), variables, f"{src}/self_attention/linear_0")
-        _linear(sd, f"{dst}.attn.out", variables, f"{src}/self_attention/linear_1")
-        _norm(sd, f"{dst}.mlp_ln", variables, f"{src}/ffn/layer_norm")
-        _linear(sd, f"{dst}.mlp.0", variables, f"{src}/ffn/linear_0")
-        _linear(sd, f"{dst}.mlp.2", variables, f"{src}/ffn/linear_1")
+        _block(sd, f"encoder.blocks.{i}", variables, f"encoder/layer_{i}")
     sd["decoder.token_embedding.weight"] = variables["decoder/embeddings/weight"]
     sd["decoder.positional_embedding"] = variables["decoder/position_encodings/encodings"]
     _norm(sd, "decoder.ln", variables, "decoder/layer_norm")
     for i in range(n_dec):
         src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-        _norm(sd, f"{dst}.attn_ln", variables, f"{src}/self_attention/layer_norm")
-        _fused(sd, f"{dst}.attn", ("query", "key", "value"), variables, f"{src}/self_attention/linear_0")
-        _linear(sd, f"{dst}.attn.out", variables, f"{src}/self_attention/linear_1")
+        _block(sd, dst, variables, src)
         _norm(sd, f"{dst}.cross_attn_ln", variables, f"{src}/attention/layer_norm")
         _linear(sd, f"{dst}.cross_attn.query", variables, f"{src}/attention/linear_0")
         _fused(sd, f"{dst}.cross_attn", ("key", "value"), variables, f"{src}/attention/linear_1")
         _linear(sd, f"{dst}.cross_attn.out", variables, f"{src}/attention/linear_2")
-        _norm(sd, f"{dst}.mlp_ln", variables, f"{src}/ffn/layer_norm")
-        _linear(sd, f"{dst}.mlp.0", variables, f"{src}/ffn/linear_0")
-        _linear(sd, f"{dst}.mlp.2", variables, f"{src}/ffn/linear_1")
     state = {k: torch.from_numpy(np.array(v, dtype=np.float16)) for k, v in sd.items()}
     return {"dims": asdict(dims), "model_state_dict": state}
 

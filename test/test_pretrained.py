@@ -58,29 +58,26 @@ def whisper_to_ct2(model: Whisper) -> dict[str, np.ndarray]:
         lin(f"encoder/{c}", f"encoder.{c}")
     v["encoder/position_encodings/encodings"] = sd["encoder.positional_embedding"]
     norm("encoder/layer_norm", "encoder.ln_post")
-    for i in range(model.dims.n_audio_layer):
-        s, d = f"encoder.blocks.{i}", f"encoder/layer_{i}"
+    def block(d, s):
         norm(f"{d}/self_attention/layer_norm", f"{s}.attn_ln")
         fused(f"{d}/self_attention/linear_0", f"{s}.attn", ("query", "key", "value"))
         lin(f"{d}/self_attention/linear_1", f"{s}.attn.out")
         norm(f"{d}/ffn/layer_norm", f"{s}.mlp_ln")
         lin(f"{d}/ffn/linear_0", f"{s}.mlp.0")
         lin(f"{d}/ffn/linear_1", f"{s}.mlp.2")
+
+    for i in range(model.dims.n_audio_layer):
+        block(f"encoder/layer_{i}", f"encoder.blocks.{i}")
     v["decoder/embeddings/weight"] = sd["decoder.token_embedding.weight"]
     v["decoder/position_encodings/encodings"] = sd["decoder.positional_embedding"]
     norm("decoder/layer_norm", "decoder.ln")
     for i in range(model.dims.n_text_layer):
         s, d = f"decoder.blocks.{i}", f"decoder/layer_{i}"
-        norm(f"{d}/self_attention/layer_norm", f"{s}.attn_ln")
-        fused(f"{d}/self_attention/linear_0", f"{s}.attn", ("query", "key", "value"))
-        lin(f"{d}/self_attention/linear_1", f"{s}.attn.out")
+        block(d, s)
         norm(f"{d}/attention/layer_norm", f"{s}.cross_attn_ln")
         lin(f"{d}/attention/linear_0", f"{s}.cross_attn.query")
         fused(f"{d}/attention/linear_1", f"{s}.cross_attn", ("key", "value"))
         lin(f"{d}/attention/linear_2", f"{s}.cross_attn.out")
-        norm(f"{d}/ffn/layer_norm", f"{s}.mlp_ln")
-        lin(f"{d}/ffn/linear_0", f"{s}.mlp.0")
-        lin(f"{d}/ffn/linear_1", f"{s}.mlp.2")
     return v
 
 

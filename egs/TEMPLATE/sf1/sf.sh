@@ -78,7 +78,8 @@ if [ -n "${llm_path}" ]; then
   # the config stays the single description of the model; only its location changes
   mkdir -p exp/conf
   python -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); c['name_or_path'] = sys.argv[2]; \
-yaml.safe_dump(c, open(sys.argv[3], 'w'), sort_keys=False)" "${llm_config}" "${llm_path}" "exp/conf/${llm}.yaml"
+c.pop('local_cache', None); yaml.safe_dump(c, open(sys.argv[3], 'w'), sort_keys=False)" \
+    "${llm_config}" "${llm_path}" "exp/conf/${llm}.yaml"
   llm_config=exp/conf/${llm}.yaml
 fi
 
@@ -169,7 +170,8 @@ stage4() {
         ${decode_cmd} JOB=1:"${nj}" "${ddir}/split${nj}/log/decode.JOB.log" \
           python -m speechllm.bin.decode --model_dir "${expdir}/model" --jsonl "dump/${dset}/${jsonl_mode}.jsonl" \
           "${filter[@]}" --output "${ddir}/split${nj}/hyp.JOB.jsonl" --job JOB --nj "${nj}" \
-          --batch_size "${decode_batch_size}" --num_beams "${num_beams}" --max_new_tokens "${max_new}"
+          --batch_size "${decode_batch_size}" --num_beams "${num_beams}" --max_new_tokens "${max_new}" \
+          < /dev/null  # the loop reads its targets from stdin
         cat $(for j in $(seq 1 "${nj}"); do echo "${ddir}/split${nj}/hyp.${j}.jsonl"; done) > "${ddir}/hyp.jsonl.tmp"
         mv "${ddir}/hyp.jsonl.tmp" "${ddir}/hyp.jsonl"
       done < <(decode_targets "${m}")
@@ -190,7 +192,7 @@ stage5() {
         [ "${row_mode}" != - ] && filter=(--mode "${row_mode}")
         log "Stage 5: scoring ${ddir}"
         python -m speechllm.bin.score --ref_jsonl "dump/${dset}/${jsonl_mode}.jsonl" "${filter[@]}" \
-          --hyp_jsonl "${ddir}/hyp.jsonl" --outdir "${ddir}/score" --title "${ddir}"
+          --hyp_jsonl "${ddir}/hyp.jsonl" --outdir "${ddir}/score" --title "${ddir}" < /dev/null
         ddirs+=("${ddir}")
       done < <(decode_targets "${m}")
     done
