@@ -35,11 +35,11 @@ class CTCEmbeddingHead(nn.Module):
 
     def __init__(self, embeddings: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("embeddings", embeddings.detach().float(), persistent=False)
-        dim = embeddings.shape[1]
-        self.blank = nn.Parameter(embeddings.detach().float().mean(0, keepdim=True).clone())
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / embeddings.float().norm(dim=1).mean().item())))
-        self.dim = dim
+        table = embeddings.detach().float()
+        self.register_buffer("embeddings", table, persistent=False)
+        self.blank = nn.Parameter(table.mean(0, keepdim=True).clone())
+        # start with unit-scale logits: 1 / mean embedding norm
+        self.log_scale = nn.Parameter(torch.tensor(-math.log(table.norm(dim=1).mean().item())))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         table = torch.cat([self.blank, self.embeddings])
@@ -68,9 +68,13 @@ class AdapterAligner:
         self.adapter, self.tokenizer, self.batch_size, self.seed = adapter, tokenizer, batch_size, seed
         self.head = CTCEmbeddingHead(embeddings).to(next(adapter.parameters()).device)
         self.optimizer = torch.optim.AdamW(list(adapter.parameters()) + list(self.head.parameters()), lr=lr)
+        self._token_cache: dict[str, torch.Tensor] = {}
 
-    def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _targets(self, text: str) -> torch.Tensor:
+        """The transcript's LLM token ids shifted by one (0 is the blank), tokenised once per text."""
+        if text not in self._token_cache:
+            self._token_cache[text] = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        return self._token_cache[text]
 
     def _logits(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.adapter.parameters()).device
@@ -82,7 +86,7 @@ class AdapterAligner:
 
     def step(self, examples: list[Example]) -> float:
         logits, out_lengths = self._logits(examples)
-        targets = [torch.tensor(self._tokens(e.text)) + 1 for e in examples]
+        targets = [self._targets(e.text) for e in examples]
         loss = F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), torch.cat(targets).to(logits.device),
                           out_lengths, torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -106,7 +110,7 @@ class AdapterAligner:
 
     def run(self, train: list[Example], valid: list[Example], steps: int, outdir: Path, writer=None,
             eval_every: int = 50) -> list[dict]:
-        """``steps`` CTC updates with length-sorted shuffled batches; returns the logged history."""
+        """``steps`` CTC updates on seeded random batches; returns the logged history."""
         outdir.mkdir(parents=True, exist_ok=True)
         rng = random.Random(f"align-{self.seed}")
         usable = [e for e in train if e.text.strip()]

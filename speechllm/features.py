@@ -67,14 +67,17 @@ def load_whisper_spec(spec: str, device: str = "cpu") -> tuple[Whisper, WhisperC
     return load_whisper(cfg, device), cfg
 
 
+def resample_to_16k(audio: np.ndarray, sr: int) -> np.ndarray:
+    if sr == SAMPLE_RATE:
+        return audio
+    g = gcd(sr, SAMPLE_RATE)
+    return resample_poly(audio, SAMPLE_RATE // g, sr // g).astype(np.float32)
+
+
 def read_audio(path: str) -> np.ndarray:
     """Mono float32 at 16 kHz (other rates are resampled)."""
     audio, sr = sf.read(path, dtype="float32", always_2d=True)
-    audio = audio.mean(axis=1)
-    if sr != SAMPLE_RATE:
-        g = gcd(sr, SAMPLE_RATE)
-        audio = resample_poly(audio, SAMPLE_RATE // g, sr // g).astype(np.float32)
-    return audio
+    return resample_to_16k(audio.mean(axis=1), sr)
 
 
 @torch.no_grad()

