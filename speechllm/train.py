@@ -3,6 +3,11 @@
 AdamW, linear warm-up over the first ``warmup_ratio`` of the optimizer steps then cosine decay,
 gradient clipping, gradient accumulation. Only the adapter and LoRA weights train.
 
+Under ``torchrun`` the model is wrapped in DistributedDataParallel. Every process draws the same
+global batches of ``batch_size x world size`` examples and trains on its own slice, so the effective
+batch is ``batch_size x grad_accum x world size`` (the paper: 4 x 8 x 4 = 128) and one optimizer step
+averages over every target token of the step, however the batch was split. Only rank 0 writes.
+
 The experiment dir receives ``checkpoints/step_N/`` (trainable weights, optimizer, scheduler, step,
 data position and RNG states: a killed run resumes where it stopped), ``model/`` (the final model),
 ``tensorboard/``, ``train_log.jsonl`` and ``loss.png``.
@@ -16,11 +21,13 @@ import math
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -28,6 +35,7 @@ from speechllm.align import AdapterAligner
 from speechllm.config import from_dict
 from speechllm.data import Example, bucketed_batches, load_feats
 from speechllm.decode import decode_examples
+from speechllm.distributed import World
 from speechllm.io_utils import atomic_write
 from speechllm.metrics import score_corpus
 from speechllm.model.builder import ModelSpec, build_speechllm, save_model
@@ -97,14 +105,16 @@ class _Item:
 
 class Trainer:
     def __init__(self, model: SpeechLLM, spec: ModelSpec, cfg: TrainConfig, train: list[Example],
-                 valid: list[Example], outdir: Path, base_path: Path | None = None) -> None:
-        self.model, self.spec, self.cfg = model, spec, cfg
+                 valid: list[Example], outdir: Path, base_path: Path | None = None, world: World = World()) -> None:
+        self.model, self.spec, self.cfg, self.world = model, spec, cfg, world
         self.outdir, self.base_path = outdir, base_path
-        self.train_items = [self._encode(e) for e in tqdm(train, desc="tokenise train", unit="ex")]
+        self.train_items = [self._encode(e) for e in tqdm(train, desc="tokenise train", unit="ex",
+                                                          disable=not world.is_main)]
         self.valid_items = [self._encode(e) for e in valid[: cfg.valid_max_examples]]
         self.lengths = [len(it.before) + len(it.after) + len(it.target) + it.n_frames // cfg.stack
                         for it in self.train_items]
-        self.batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.global_batch = cfg.batch_size * world.size
+        self.batches_per_epoch = math.ceil(len(train) / self.global_batch)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         adapter_params = list(model.adapter.parameters())
@@ -115,6 +125,12 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps),
                                                          self.total_steps)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.forward = model
+        if world.distributed:
+            # the frozen base weights are loaded identically everywhere: only the trainable ones sync
+            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+            self.forward = DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
 
     def _encode(self, example: Example) -> _Item:
         before, after, target = self.model.formatter.encode(example.prompt, example.target)
@@ -122,6 +138,41 @@ class Trainer:
 
     def _batch(self, items: list[_Item]) -> list[Encoded]:
         return [Encoded(load_feats(it.example), it.before, it.after, it.target) for it in items]
+
+    def epoch_batches(self) -> list[list[int]]:
+        """The epoch's global batches, the same on every rank; one a rank would get nothing of is dropped."""
+        batches = bucketed_batches(self.lengths, self.global_batch, self.cfg.seed, self.epoch, self.cfg.bucket_batches)
+        kept = [b for b in batches if len(b) >= self.world.size]
+        if len(kept) < len(batches):
+            log.info("epoch %d: %d examples left out (a final batch smaller than the %d processes)", self.epoch,
+                     sum(len(b) for b in batches) - sum(len(b) for b in kept), self.world.size)
+        return kept
+
+    def shard(self, batch: list[int]) -> list[int]:
+        """This rank's contiguous share of a global batch (length-sorted, so shares pad alike)."""
+        size, rest = divmod(len(batch), self.world.size)
+        r = self.world.rank
+        start = r * size + min(r, rest)
+        return batch[start : start + size + (1 if r < rest else 0)]
+
+    def train_step(self, group: list[list[int]]) -> float:
+        """One optimizer step over a group of global batches; returns this rank's share of the step's loss."""
+        n_tokens = sum(len(self.train_items[i].target) for batch in group for i in batch)
+        share = 0.0
+        for k, batch in enumerate(group):
+            last = k == len(group) - 1
+            sync = nullcontext() if last or not self.world.distributed else self.forward.no_sync()
+            with sync:
+                loss = self.forward(self._batch([self.train_items[i] for i in self.shard(batch)]),
+                                    num_items_in_batch=n_tokens)
+                # DDP averages gradients over ranks, each of which holds a share of one global sum
+                (loss * self.world.size).backward()
+            share += loss.item()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return share
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -195,88 +246,92 @@ class Trainer:
             f.write(json.dumps(point) + "\n")
 
     def align(self, writer) -> None:
-        """Run the CTC alignment phase once; a finished phase is reloaded, not repeated."""
+        """Run the CTC alignment phase once (on rank 0); a finished phase is reloaded, not repeated."""
         done = self.outdir / "align" / "adapter.pt"
-        if done.exists():
-            self.model.adapter.load_state_dict(torch.load(done, map_location="cpu"))
-            log.info("alignment phase already done: adapter loaded from %s", done)
-            return
-        unique = lambda items: list({it.example.utt_id: it.example for it in items}.values())  # noqa: E731
-        aligner = AdapterAligner(self.model.adapter, self.model.llm.get_input_embeddings().weight,
-                                 self.model.tokenizer, self.cfg.align_lr, self.cfg.align_batch_size, self.cfg.seed)
-        aligner.run(unique(self.train_items), unique(self.valid_items), self.cfg.align_steps, done.parent, writer,
-                    self.cfg.align_eval_every)
-        with atomic_write(done, "wb") as f:
-            torch.save(self.model.adapter.state_dict(), f)
+        if self.world.is_main and not done.exists():
+            unique = lambda items: list({it.example.utt_id: it.example for it in items}.values())  # noqa: E731
+            aligner = AdapterAligner(self.model.adapter, self.model.llm.get_input_embeddings().weight,
+                                     self.model.tokenizer, self.cfg.align_lr, self.cfg.align_batch_size,
+                                     self.cfg.seed)
+            aligner.run(unique(self.train_items), unique(self.valid_items), self.cfg.align_steps, done.parent,
+                        writer, self.cfg.align_eval_every)
+            with atomic_write(done, "wb") as f:
+                torch.save(self.model.adapter.state_dict(), f)
+        self.world.barrier()  # the other ranks wait for rank 0's phase, then every rank loads its result
+        self.model.adapter.load_state_dict(torch.load(done, map_location=self.world.device))
+        log.info("alignment phase done: adapter loaded from %s", done)
+
+    def log_record(self, record: dict, writer) -> None:
+        with open(self.outdir / "train_log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for key in ("loss", "lr", "valid_loss"):
+            if key in record:
+                writer.add_scalar(f"{'valid' if key == 'valid_loss' else 'train'}/{key.replace('valid_', '')}",
+                                  record[key], self.step)
 
     def train(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        cfg = self.cfg
+        cfg, world = self.cfg, self.world
+        main = world.is_main
         self.maybe_resume()
-        writer = SummaryWriter(str(self.outdir / "tensorboard"))
+        writer = SummaryWriter(str(self.outdir / "tensorboard")) if main else None
         start = time.time()
         if cfg.align_steps > 0 and self.step == 0:
             self.align(writer)
-        excluded = 0.0  # seconds spent on learning-curve evaluation, not counted as training time
+        excluded = 0.0  # seconds of dev evaluation (and of waiting for it), not counted as training time
 
         def train_seconds() -> float:
             return time.time() - start - excluded
 
-        log_path = self.outdir / "train_log.jsonl"
         self.model.train()
-        log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d",
-                 len(self.train_items), self.total_steps, self.steps_per_epoch, cfg.batch_size * cfg.grad_accum)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
+        log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d = %d x %d x %d processes",
+                 len(self.train_items), self.total_steps, self.steps_per_epoch,
+                 self.global_batch * cfg.grad_accum, cfg.batch_size, cfg.grad_accum, world.size)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not main)
         window_loss, window_n = 0.0, 0
         out_of_time = False
         while self.step < self.total_steps and not out_of_time:
-            batches = bucketed_batches(self.lengths, cfg.batch_size, cfg.seed, self.epoch, cfg.bucket_batches)
+            batches = self.epoch_batches()
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not out_of_time:
                 group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.grad_accum]
-                for indices in group:
-                    loss = self.model(self._batch([self.train_items[i] for i in indices]))
-                    (loss / len(group)).backward()
-                    window_loss += loss.item()
-                    window_n += 1
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                               cfg.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                window_loss += self.train_step(group)
+                window_n += 1
                 self.batch_in_epoch += len(group)
                 self.step += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    record = {"step": self.step, "epoch": self.epoch, "loss": window_loss / window_n,
-                              "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": train_seconds()}
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
-                    writer.add_scalar("train/loss", record["loss"], self.step)
-                    writer.add_scalar("train/lr", record["lr"], self.step)
-                    with open(log_path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record) + "\n")
+                    loss = world.sum(window_loss) / window_n
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    if main:
+                        self.log_record({"step": self.step, "epoch": self.epoch, "loss": loss,
+                                         "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": train_seconds()}, writer)
                     window_loss, window_n = 0.0, 0
-                if self.step % cfg.save_every == 0:
+                if self.step % cfg.save_every == 0 and main:
                     self.save_checkpoint()
-                out_of_time = cfg.max_minutes is not None and train_seconds() > 60 * cfg.max_minutes
+                if cfg.max_minutes is not None:
+                    out_of_time = world.any(train_seconds() > 60 * cfg.max_minutes)
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or out_of_time):
                     eval_start = time.time()
-                    self.curve_point(writer, train_seconds())
+                    if main:
+                        self.curve_point(writer, train_seconds())
+                    world.barrier()
                     excluded += time.time() - eval_start
             if self.batch_in_epoch >= len(batches):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                valid_loss = self.validate()
-                writer.add_scalar("valid/loss", valid_loss, self.step)
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": self.step, "epoch": self.epoch, "valid_loss": valid_loss}) + "\n")
+                if main:
+                    self.log_record({"step": self.step, "epoch": self.epoch, "valid_loss": self.validate()}, writer)
+                world.barrier()
         bar.close()
         if out_of_time:
             log.info("stopped after %.1f min of training (max_minutes %s) at step %d of %d",
                      train_seconds() / 60, cfg.max_minutes, self.step, self.total_steps)
-        self.save_checkpoint()
-        save_model(self.model, self.spec, self.outdir / "model", self.base_path)
-        writer.close()
-        plot_losses(log_path, self.outdir / "loss.png")
+        if main:
+            self.save_checkpoint()
+            save_model(self.model, self.spec, self.outdir / "model", self.base_path)
+            writer.close()
+            plot_losses(self.outdir / "train_log.jsonl", self.outdir / "loss.png")
+        world.barrier()
         log.info("training done: %d steps in %.1f s; model in %s", self.step, time.time() - start,
                  self.outdir / "model")
 
@@ -317,7 +372,8 @@ def feature_dim(example: Example) -> int:
 
 
 def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train: list[Example], valid: list[Example],
-                    outdir: Path, whisper: str | None = None, mode: str | None = None) -> SpeechLLM:
+                    outdir: Path, whisper: str | None = None, mode: str | None = None,
+                    world: World = World()) -> SpeechLLM:
     """Build the model (and a tiny base LLM when the config asks for one), then train it."""
     outdir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
@@ -325,12 +381,13 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train: list[Example], 
     base_path = None
     if llm_cfg.tiny is not None:
         base_path = outdir / "base_llm"
-        if not (base_path / "config.json").exists():
+        if world.is_main and not (base_path / "config.json").exists():
             texts = [t for e in train for t in (e.prompt, e.target, e.text)]
             build_tiny(llm_cfg, texts, base_path)
+        world.barrier()
     spec = ModelSpec(llm=llm_cfg_dict, feat_dim=feature_dim(train[0]), adapter_hidden=cfg.adapter_hidden,
                      stack=cfg.stack, whisper=whisper, mode=mode)
-    model = build_speechllm(spec, base_path)
-    trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path)
+    model = build_speechllm(spec, base_path, world.device)
+    trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world)
     trainer.train()
     return model

@@ -1,8 +1,13 @@
-"""Stage 3: train the speech LLM on a stage-2 JSONL file (resumes from the latest checkpoint)."""
+"""Stage 3: train the speech LLM on a stage-2 JSONL file (resumes from the latest checkpoint).
+
+Run it with ``python -m`` for one process, or under ``torchrun`` (see ``utils/torchrun.sh``) for
+DistributedDataParallel over GPUs, nodes, or CPU processes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +15,7 @@ import torch
 
 from speechllm.config import from_dict, load_yaml
 from speechllm.data import read_examples
+from speechllm.distributed import close_world, init_world
 from speechllm.logging_utils import setup_logging
 from speechllm.train import TrainConfig, build_and_train
 
@@ -23,15 +29,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outdir", type=Path, required=True)
     parser.add_argument("--whisper", help="the encoder of the features, recorded for speechllm-infer")
     parser.add_argument("--mode", choices=("regular", "reasoning", "hybrid"), help="recorded for speechllm-infer")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: a GPU when one is visible; under torchrun each process takes cuda:LOCAL_RANK")
     args = parser.parse_args(argv)
-    setup_logging()
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     cfg = from_dict(TrainConfig, load_yaml(args.train_config), str(args.train_config))
     llm_cfg = load_yaml(args.llm_config)
     train = read_examples(args.train_jsonl)
     valid = read_examples(args.valid_jsonl) if args.valid_jsonl else []
     whisper = str(Path(args.whisper).resolve()) if args.whisper and Path(args.whisper).is_file() else args.whisper
-    build_and_train(llm_cfg, cfg, train, valid, args.outdir, whisper, args.mode)
+    world = init_world(None if args.device == "auto" else args.device == "cuda")
+    try:
+        build_and_train(llm_cfg, cfg, train, valid, args.outdir, whisper, args.mode, world)
+    finally:
+        close_world(world)
 
 
 if __name__ == "__main__":

@@ -39,15 +39,16 @@ class ModelSpec:
         return from_dict(LLMConfig, self.llm, "speechllm.yaml:llm")
 
 
-def build_speechllm(spec: ModelSpec, base_path: str | Path | None = None) -> SpeechLLM:
-    """A fresh adapter and fresh LoRA on the frozen foundation model."""
+def build_speechllm(spec: ModelSpec, base_path: str | Path | None = None,
+                    device: torch.device | str = "cpu") -> SpeechLLM:
+    """A fresh adapter and fresh LoRA on the frozen foundation model, on ``device``."""
     cfg = spec.llm_config
-    llm, tokenizer = load_llm(cfg, base_path)
+    llm, tokenizer = load_llm(cfg, base_path, device)
     llm = add_lora(llm, cfg)
     torch.manual_seed(cfg.seed + 1)
     adapter = FrameStackAdapter(spec.feat_dim, llm.get_input_embeddings().weight.shape[1],
                                 spec.adapter_hidden, spec.stack)
-    return SpeechLLM(llm, tokenizer, adapter, PromptFormatter(tokenizer, cfg))
+    return SpeechLLM(llm, tokenizer, adapter, PromptFormatter(tokenizer, cfg)).to(device)
 
 
 def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path: str | Path | None) -> None:
@@ -78,7 +79,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> SpeechLLM:
                      str(model_dir / SPEC_FILE))
     cfg = spec.llm_config
     base = (model_dir / spec.base_llm).resolve() if spec.base_llm else None
-    llm, tokenizer = load_llm(cfg, base)
+    llm, tokenizer = load_llm(cfg, base, device)
     llm = PeftModel.from_pretrained(llm, model_dir / "lora")
     adapter = FrameStackAdapter(spec.feat_dim, llm.get_input_embeddings().weight.shape[1],
                                 spec.adapter_hidden, spec.stack)

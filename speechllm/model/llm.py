@@ -87,8 +87,11 @@ def build_tiny(cfg: LLMConfig, texts: Iterable[str], outdir: Path) -> Path:
     return outdir
 
 
-def load_llm(cfg: LLMConfig, path: str | Path | None = None):
-    """Load the frozen foundation model and its tokenizer (``path`` overrides ``name_or_path``)."""
+def load_llm(cfg: LLMConfig, path: str | Path | None = None, device: torch.device | str = "cpu"):
+    """Load the frozen foundation model and its tokenizer (``path`` overrides ``name_or_path``).
+
+    On a GPU the weights are loaded straight onto ``device`` (4-bit ones are quantised there).
+    """
     if path is None and cfg.local_cache and (llm_dir(cfg.local_cache) / "config.json").exists():
         path = llm_dir(cfg.local_cache)
     source = str(path or cfg.name_or_path)
@@ -102,6 +105,8 @@ def load_llm(cfg: LLMConfig, path: str | Path | None = None):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=getattr(torch, cfg.dtype))
+    if torch.device(device).type == "cuda":
+        kwargs["device_map"] = {"": torch.device(device)}
     tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}))
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if tokenizer.pad_token is None:

@@ -74,10 +74,14 @@ class SpeechLLM(nn.Module):
             embeds[i, span], mask[i, span], label_pad[i, span] = row, 1, lab
         return {"inputs_embeds": embeds, "attention_mask": mask, "labels": label_pad}
 
-    def forward(self, items: list[Encoded]) -> torch.Tensor:
-        """Mean cross-entropy over the target tokens of the batch."""
+    def forward(self, items: list[Encoded], num_items_in_batch: int | None = None) -> torch.Tensor:
+        """Cross-entropy over the target tokens: their mean, or their sum / ``num_items_in_batch``.
+
+        The second form lets one optimizer step average over every token of every micro-batch on
+        every process, so the update does not depend on how the batch was split.
+        """
         batch = self.build_batch(items, padding_side="right")
-        return self.llm(**batch).loss
+        return self.llm(**batch, num_items_in_batch=num_items_in_batch).loss
 
     @torch.no_grad()
     def generate(self, items: list[Encoded], max_new_tokens: int = 256, num_beams: int = 1) -> list[str]:

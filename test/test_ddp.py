@@ -1,0 +1,79 @@
+"""DistributedDataParallel on CPU: 2 gloo processes with half the batch each end with the same trainable
+weights (and log the same losses) as 1 process with the whole batch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_llm_dict, write_examples
+
+WORDS = "pay thirty dollars monthly raise my limit to five thousand dollars name is Maria Garcia please".split()
+
+
+def make_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + k) % len(WORDS)] for k in range(3 + i % 5)]
+        rows.append({"utt_id": f"u{i:02d}", "prompt": "<audio>\nFind the slots. Output JSON.",
+                     "target": json.dumps({"amount": " ".join(words[:2])}), "text": " ".join(words),
+                     "slots": {"amount": " ".join(words[:2])}, "n_frames_to_make": 24 + 8 * (i % 6)})
+    return rows
+
+
+def train(tmp_path: Path, name: str, nproc: int, batch_size: int, jsonl: Path) -> Path:
+    outdir = tmp_path / name
+    outdir.mkdir()
+    llm = tiny_llm_dict(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"})
+    (outdir / "llm.yaml").write_text(yaml.safe_dump(llm))
+    (outdir / "train.yaml").write_text(yaml.safe_dump({
+        "batch_size": batch_size, "grad_accum": 2, "max_steps": 4, "lr": 1e-3, "warmup_ratio": 0.0,
+        "adapter_hidden": 32, "log_every": 1, "save_every": 1000, "seed": 3, "eval_every": 2,
+        "eval_max_examples": 4, "eval_max_new_tokens": 8}))
+    module = ["-m", "speechllm.bin.train", "--train_jsonl", str(jsonl), "--valid_jsonl", str(jsonl),
+              "--llm_config", str(outdir / "llm.yaml"), "--train_config", str(outdir / "train.yaml"),
+              "--outdir", str(outdir), "--device", "cpu"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = launcher + module if nproc > 1 else [sys.executable] + module
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return outdir
+
+
+def trainable(outdir: Path) -> dict[str, torch.Tensor]:
+    weights = {f"lora.{k}": v for k, v in load_file(outdir / "model" / "lora" / "adapter_model.safetensors").items()}
+    weights.update({f"adapter.{k}": v for k, v in torch.load(outdir / "model" / "adapter.pt").items()})
+    return weights
+
+
+def losses(outdir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (outdir / "train_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
+    jsonl = write_examples(tmp_path, make_rows(16))
+    single = train(tmp_path, "single_b4", nproc=1, batch_size=4, jsonl=jsonl)
+    ddp = train(tmp_path, "ddp_2x2", nproc=2, batch_size=2, jsonl=jsonl)
+    half = train(tmp_path, "single_b2", nproc=1, batch_size=2, jsonl=jsonl)  # not the same effective batch
+
+    assert len(losses(single)) == len(losses(ddp)) == 4
+    assert losses(ddp) == pytest.approx(losses(single), rel=1e-5)
+    assert max_diff(trainable(ddp), trainable(single)) < 1e-5
+    # the comparison can fail: half the batch on one process trains to visibly different weights
+    assert max_diff(trainable(half), trainable(single)) > 1e-3
+    # rank 0 alone wrote the learning curve (one line per evaluation, not one per process)
+    assert len((ddp / "curve.jsonl").read_text().splitlines()) == 2
