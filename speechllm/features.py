@@ -55,6 +55,9 @@ def load_whisper(cfg: WhisperConfig, device: str = "cpu") -> Whisper:
     if cfg.random_init_dims:
         torch.manual_seed(cfg.seed)
         model = Whisper(ModelDimensions(**cfg.random_init_dims))
+        # openai-whisper leaves the decoder's positional embedding uninitialised (checkpoints fill it):
+        # without this the random model's ASR output would change from run to run
+        torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)
         return model.to(device).eval()
     source = resolve_whisper(cfg.name_or_path)
     log.info("loading Whisper from %s", source)

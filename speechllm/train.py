@@ -127,10 +127,11 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.forward = model
         if world.distributed:
-            # the frozen base weights are loaded identically everywhere: only the trainable ones sync
-            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-            self.forward = DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)
+            # frozen weights and buffers are loaded identically everywhere: only the trainable ones sync
+            fixed = [n for n, p in model.named_parameters() if not p.requires_grad]
+            fixed += [n for n, _ in model.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, fixed)
+            self.forward = DistributedDataParallel(model, device_ids=None)
 
     def _encode(self, example: Example) -> _Item:
         before, after, target = self.model.formatter.encode(example.prompt, example.target)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import kaldiio
@@ -55,3 +58,22 @@ def write_examples(tmp_path: Path, rows: list[dict], feat_dim: int = 16, seed: i
 def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+def copy_recipe(root: Path) -> Path:
+    """A private copy of the call-centre recipe (shared code linked in), so runs never touch the source tree."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: run tools/install.sh (as root it installs it)")
+    for name in ("utils", "tools", "speechllm"):
+        (root / name).symlink_to(REPO / name)
+    (root / "egs" / "TEMPLATE").mkdir(parents=True)
+    (root / "egs" / "TEMPLATE" / "sf1").symlink_to(REPO / "egs" / "TEMPLATE" / "sf1")
+    shutil.copytree(RECIPE, root / "egs" / "callcenter" / "sf1", symlinks=True,
+                    ignore=shutil.ignore_patterns("data", "dump", "exp", "downloads"))
+    return root / "egs" / "callcenter" / "sf1"
+
+
+def run(recipe: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``./run.sh args`` in a recipe copy, with extra environment variables (``cmd_backend="slurm"``)."""
+    return subprocess.run(["./run.sh", *args], cwd=recipe, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, **env})

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +9,9 @@ from pathlib import Path
 import kaldiio
 import pytest
 
-from conftest import REPO, RECIPE
+from conftest import copy_recipe, run
 
 MODES = {"regular": ["regular"], "reasoning": ["reasoning"], "hybrid": ["hybrid_no_think", "hybrid_think"]}
-
-
-def run(recipe: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["./run.sh", *args], cwd=recipe, capture_output=True, text=True, timeout=1800)
 
 
 def sha(path: Path) -> str:
@@ -25,17 +20,7 @@ def sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    """A private copy of the recipe (shared code linked in), so runs never touch the source tree."""
-    if shutil.which("espeak-ng") is None:
-        pytest.fail("espeak-ng is missing: run tools/install.sh (as root it installs it)")
-    root = tmp_path_factory.mktemp("repo")
-    for name in ("utils", "tools", "speechllm"):
-        (root / name).symlink_to(REPO / name)
-    (root / "egs" / "TEMPLATE").mkdir(parents=True)
-    (root / "egs" / "TEMPLATE" / "sf1").symlink_to(REPO / "egs" / "TEMPLATE" / "sf1")
-    shutil.copytree(RECIPE, root / "egs" / "callcenter" / "sf1", symlinks=True,
-                    ignore=shutil.ignore_patterns("data", "dump", "exp", "downloads"))
-    recipe = root / "egs" / "callcenter" / "sf1"
+    recipe = copy_recipe(tmp_path_factory.mktemp("repo"))
     proc = run(recipe, "--preset", "mini")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return recipe

