@@ -1,0 +1,54 @@
+"""A run killed after a checkpoint and started again ends with the same weights as an uninterrupted run."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_speechllm, write_examples
+from speechllm.data import read_examples
+from speechllm.train import TrainConfig, Trainer
+
+ROWS = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind the slots.", "target": '{"amount": "%d dollars"}' % (10 * i),
+         "text": f"{10 * i} dollars", "slots": {"amount": f"{10 * i} dollars"}, "n_frames_to_make": 20 + 4 * i}
+        for i in range(12)]
+
+
+class Killed(Exception):
+    pass
+
+
+def fresh_trainer(tmp_path, outdir):
+    examples = read_examples(write_examples(tmp_path, [dict(r) for r in ROWS]))
+    torch.manual_seed(0)
+    model, spec, base = make_tiny_speechllm(tmp_path / outdir, [t for r in ROWS for t in (r["prompt"], r["target"])])
+    cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=9, lr=2e-3, warmup_ratio=0.2, adapter_hidden=32,
+                      log_every=1, save_every=4, seed=5)
+    return Trainer(model, spec, cfg, examples, [], tmp_path / outdir / "exp", base)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    whole = fresh_trainer(tmp_path, "whole")
+    whole.train()
+
+    killed = fresh_trainer(tmp_path, "resumed")
+    step = Trainer.train_step
+
+    def dies_at_step_7(self, group):
+        if self.step == 6:  # after the checkpoint of step 4, in the second epoch (3 steps per epoch)
+            raise Killed
+        return step(self, group)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_7)
+    with pytest.raises(Killed):
+        killed.train()
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert [p.name for p in (tmp_path / "resumed" / "exp" / "checkpoints").iterdir()] == ["step_0000004"]
+
+    resumed = fresh_trainer(tmp_path, "resumed")  # a new process: fresh model, same experiment dir
+    resumed.train()
+    assert resumed.step == whole.step == 9
+    a, b = whole.trainable_state(), resumed.trainable_state()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    assert any((a[n] - killed.trainable_state()[n]).abs().max() > 1e-4 for n in a)  # the kill did cost steps
