@@ -26,7 +26,7 @@ REQUIRED_KEYS = ("id", "utt_id", "feats", "prompt", "target", "slots")
 class Example:
     id: str
     utt_id: str
-    feats: str  # kaldiio location "ark_path:offset"
+    feats: str | None  # kaldiio location "ark_path:offset"; None: a text-only (cascade) example
     prompt: str
     target: str
     slots: dict[str, str]
@@ -51,7 +51,9 @@ def read_examples(path: str | Path, mode: str | None = None) -> list[Example]:
     return out
 
 
-def load_feats(example: Example) -> torch.Tensor:
+def load_feats(example: Example) -> torch.Tensor | None:
+    if example.feats is None:
+        return None
     return torch.from_numpy(kaldiio.load_mat(example.feats).copy()).float()
 
 

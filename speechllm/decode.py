@@ -22,8 +22,7 @@ def decode_examples(model: SpeechLLM, examples: list[Example], batch_size: int =
                     num_beams: int = 1) -> list[dict]:
     """Generate for every example; one result dict per example, in id order."""
     encoded = {e.id: model.encode(load_feats(e), e.prompt) for e in examples}
-    order = sorted(examples, key=lambda e: len(encoded[e.id].feats) + len(encoded[e.id].before)
-                   + len(encoded[e.id].after))
+    order = sorted(examples, key=lambda e: encoded[e.id].prompt_length)
     outputs: dict[str, str] = {}
     start = time.time()
     for i in tqdm(range(0, len(order), batch_size), desc="decode", unit="batch"):

@@ -1,4 +1,4 @@
-"""Stage 2: instruction, reasoning and hybrid examples from a data dir and its dumped features.
+"""Stage 2: instruction, reasoning, hybrid and cascade examples from a data dir and its dumped features.
 
 Per utterance (all draws from a RNG seeded by ``seed`` and the utterance id, so the result does not
 depend on order or parallelism, and the regular and reasoning examples share one prompt):
@@ -9,7 +9,9 @@ depend on order or parallelism, and the regular and reasoning examples share one
   the slot inventory, shuffled; the target then lists every queried label, ``'None'`` when absent;
 * a template drawn from the 10 of its case (:mod:`speechllm.prompts`).
 
-Targets are JSON with double quotes. The reasoning target follows the paper's Figure 3.
+Targets are JSON with double quotes. The reasoning target follows the paper's Figure 3. The cascade
+(the baseline of SPEC §9) has the regular example's prompt and target, with Whisper's transcript of
+the turn in the audio's place and no features.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from speechllm.parsing import format_slots
 
 log = logging.getLogger(__name__)
 
-MODES = ("regular", "reasoning", "hybrid")
+MODES = ("regular", "reasoning", "hybrid", "cascade")
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,14 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
     num_frames = read_kaldi_map(dump_dir / "utt2num_frames") if (dump_dir / "utt2num_frames").exists() else {}
     text = read_kaldi_map(data_dir / "text")
     gold_all = read_slots(data_dir / "slots.jsonl")
+    asr_path = dump_dir / "text_asr"
+    asr = read_kaldi_map(asr_path, allow_empty_value=True) if asr_path.exists() else None
+    if asr is None:
+        log.warning("%s missing (stage 1 ran with --asr false): no cascade examples", asr_path)
     if context_source == "asr":
-        context_text = read_kaldi_map(dump_dir / "text_asr", allow_empty_value=True)
+        if asr is None:
+            raise InputError(f"{asr_path} missing: --context_source asr needs stage 1 with --asr true")
+        context_text = asr
     elif context_source == "reference":
         context_text = text
     else:
@@ -147,7 +155,7 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
     if missing:
         log.warning("%d of %d utterances of %s have no features or no slots line and are left out "
                     "(first: %s)", len(missing), len(utts), data_dir, missing[0])
-    out: dict[str, list[dict]] = {m: [] for m in MODES}
+    out: dict[str, list[dict]] = {m: [] for m in MODES if m != "cascade" or asr is not None}
     for utt in utts:
         if utt in missing:
             continue
@@ -167,6 +175,9 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
                               "prompt": f"{draw.prompt} {prompts.NO_THINK}"})
         out["hybrid"].append({"id": f"{utt}#think", **reasoning, "mode": "hybrid_think",
                               "prompt": f"{draw.prompt} {prompts.THINK}"})
+        if asr is not None:
+            out["cascade"].append({"id": utt, **regular, "mode": "cascade", "feats": None, "n_frames": 0,
+                                   "prompt": prompts.text_prompt(draw.prompt, asr.get(utt, ""))})
     return out
 
 

@@ -7,6 +7,12 @@
 from __future__ import annotations
 
 AUDIO = "<audio>"
+TRANSCRIPT = '(transcript) "{text}"'  # what stands in the audio's place in a cascade prompt
+
+
+def text_prompt(prompt: str, transcript: str) -> str:
+    """The cascade's prompt: the same instruction with the ASR transcript where the audio would be."""
+    return prompt.replace(AUDIO, TRANSCRIPT.format(text=transcript))
 
 NO_CONTEXT_NO_QUERY = (
     "{audio}\nFind all slot values in the current audio. Format the output as JSON.",

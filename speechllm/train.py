@@ -117,11 +117,10 @@ class Trainer:
         self.batches_per_epoch = math.ceil(len(train) / self.global_batch)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
-        adapter_params = list(model.adapter.parameters())
-        lora_params = [p for p in model.llm.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": adapter_params, "lr": cfg.adapter_lr or cfg.lr}, {"params": lora_params, "lr": cfg.lr}],
-            weight_decay=cfg.weight_decay)
+        groups = [{"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if model.adapter is not None:
+            groups.insert(0, {"params": list(model.adapter.parameters()), "lr": cfg.adapter_lr or cfg.lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps),
                                                          self.total_steps)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -134,7 +133,8 @@ class Trainer:
             self.forward = DistributedDataParallel(model, device_ids=None)
 
     def _encode(self, example: Example) -> _Item:
-        before, after, target = self.model.formatter.encode(example.prompt, example.target)
+        before, after, target = self.model.formatter.encode(example.prompt, example.target,
+                                                            audio=example.feats is not None)
         return _Item(example, before, after, target, example.n_frames)
 
     def _batch(self, items: list[_Item]) -> list[Encoded]:
@@ -263,12 +263,12 @@ class Trainer:
         log.info("alignment phase done: adapter loaded from %s", done)
 
     def log_record(self, record: dict, writer) -> None:
+        """One line of train_log.jsonl, and its scalars in TensorBoard."""
         with open(self.outdir / "train_log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        for key in ("loss", "lr", "valid_loss"):
+        for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("valid_loss", "valid/loss")):
             if key in record:
-                writer.add_scalar(f"{'valid' if key == 'valid_loss' else 'train'}/{key.replace('valid_', '')}",
-                                  record[key], self.step)
+                writer.add_scalar(tag, record[key], self.step)
 
     def train(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -279,7 +279,10 @@ class Trainer:
         writer = SummaryWriter(str(self.outdir / "tensorboard")) if main else None
         start = time.time()
         if cfg.align_steps > 0 and self.step == 0:
-            self.align(writer)
+            if self.model.adapter is None:
+                log.info("no alignment phase: a text-only model has no adapter")
+            else:
+                self.align(writer)
         excluded = 0.0  # seconds of dev evaluation (and of waiting for it), not counted as training time
 
         def train_seconds() -> float:
@@ -369,7 +372,9 @@ def plot_losses(log_path: Path, png: Path) -> None:
 
 
 def feature_dim(example: Example) -> int:
-    return load_feats(example).shape[1]
+    """The Whisper feature width, or 0 for text-only (cascade) examples."""
+    feats = load_feats(example)
+    return 0 if feats is None else feats.shape[1]
 
 
 def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train: list[Example], valid: list[Example],

@@ -91,3 +91,18 @@ def test_context_comes_from_previous_turns_only(tmp_path):
         mentioned = [int(m) for m in re.findall(r"- text of turn (\d+)", row["prompt"])]
         assert all(t < i for t in mentioned) and len(mentioned) <= 3
         assert mentioned == sorted(mentioned) and (not mentioned or mentioned[-1] == i - 1)
+
+
+def test_cascade_rows_put_the_turns_transcript_in_the_audios_place(tmp_path):
+    data, dump, utts = _data_dir(tmp_path)
+    rows = build_examples(data, dump, seed=2)
+    assert len(rows["cascade"]) == len(utts)
+    for reg, casc in zip(rows["regular"], rows["cascade"]):
+        i = int(reg["utt_id"].rsplit("_", 1)[1])
+        assert casc["prompt"] == reg["prompt"].replace(prompts.AUDIO, f'(transcript) "asr of turn {i}"')
+        assert prompts.AUDIO not in casc["prompt"] and casc["feats"] is None and casc["mode"] == "cascade"
+        assert casc["target"] == reg["target"] and casc["slots"] == reg["slots"]
+
+    (dump / "text_asr").unlink()  # stage 1 with --asr false: no transcripts, so no cascade
+    rows = build_examples(data, dump, seed=2, context_source="reference")
+    assert "cascade" not in rows and len(rows["regular"]) == len(utts)

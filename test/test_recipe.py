@@ -8,10 +8,12 @@ from pathlib import Path
 
 import kaldiio
 import pytest
+import yaml
 
 from conftest import copy_recipe, run
 
-MODES = {"regular": ["regular"], "reasoning": ["reasoning"], "hybrid": ["hybrid_no_think", "hybrid_think"]}
+MODES = {"regular": ["regular"], "reasoning": ["reasoning"], "hybrid": ["hybrid_no_think", "hybrid_think"],
+         "cascade": ["cascade"]}
 
 
 def sha(path: Path) -> str:
@@ -40,7 +42,7 @@ def test_mini_preset_produces_every_stage_output(recipe, monkeypatch):
             assert (recipe / "dump" / dset / f"{mode}.jsonl").stat().st_size > 0
     for mode, decode_modes in MODES.items():
         exp = recipe / "exp" / f"tiny_llama_{mode}"
-        assert (exp / "model" / "adapter.pt").exists()
+        assert (exp / "model" / "adapter.pt").exists() == (mode != "cascade")  # the cascade reads no audio
         assert (exp / "model" / "lora" / "adapter_config.json").exists()
         assert list((exp / "checkpoints").glob("step_*/state.pt"))
         assert (exp / "loss.png").exists() and list((exp / "tensorboard").iterdir())
@@ -57,6 +59,7 @@ def test_mini_preset_produces_every_stage_output(recipe, monkeypatch):
             assert "per_slot" in scores and "n_unparseable" in scores
     results = (recipe / "exp" / "RESULTS.md").read_text()
     assert "Table 1" in results and "hybrid_think" in results and "tiny_llama" in results
+    assert "| tiny_llama | test | cascade |" in results and (recipe / "exp" / "RESULTS_f1.png").exists()
 
 
 @pytest.mark.slow
@@ -93,7 +96,7 @@ def test_infer_prints_one_json_line_per_wav(recipe, tmp_path):
     wav = tmp_path / "turn.wav"
     sf.write(wav, synthesize("I'd like to raise my credit limit to $5,000.", "en-us+f2", 160, 50), 16000)
     cases = [("tiny_llama_regular", []), ("tiny_llama_hybrid", ["--think"]),
-             ("tiny_llama_hybrid", ["--no_think", "--slots", "new_limit,payment_amount"])]
+             ("tiny_llama_hybrid", ["--no_think", "--slots", "new_limit,payment_amount"]), ("tiny_llama_cascade", [])]
     for exp, flags in cases:
         proc = subprocess.run([sys.executable, "-m", "speechllm.bin.infer", "--exp", str(recipe / "exp" / exp),
                                *flags, str(wav), str(wav)], capture_output=True, text=True, timeout=600)
@@ -101,7 +104,68 @@ def test_infer_prints_one_json_line_per_wav(recipe, tmp_path):
         lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
         assert len(lines) == 2 and lines[0] == lines[1]
         assert lines[0]["file"] == str(wav) and isinstance(lines[0]["slots"], dict)
+        assert ("transcript" in lines[0]) == exp.endswith("cascade")
     proc = subprocess.run([sys.executable, "-m", "speechllm.bin.infer", "--exp",
                            str(recipe / "exp" / "tiny_llama_regular"), "--think", str(wav)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "regular mode" in proc.stderr
+
+
+def short_training(recipe: Path) -> str:
+    """A 10-step train config for the runs that only check plumbing."""
+    cfg = yaml.safe_load((recipe / "conf" / "train_mini.yaml").read_text())
+    (recipe / "conf" / "train_short.yaml").write_text(yaml.safe_dump({**cfg, "max_steps": 10}))
+    return "conf/train_short.yaml"
+
+
+SHORT_DECODE = ("--max_new_tokens_regular", "32", "--max_new_tokens_reasoning", "64")
+
+
+@pytest.mark.slow
+def test_grid_fills_the_paper_tables_from_every_run(recipe):
+    proc = subprocess.run(["local/run_grid.sh", "--llms", "tiny_llama tiny_qwen3", "--preset", "mini",
+                           "--train_config", short_training(recipe), "--results_md", "exp/GRID.md", *SHORT_DECODE],
+                          cwd=recipe, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the mini preset's tiny_llama runs are reused, the Qwen3-family model is trained in every mode
+    assert "grid: tiny_llama regular already scored" in proc.stdout + proc.stderr
+    assert (recipe / "exp" / "tiny_qwen3_cascade" / "model" / "speechllm.yaml").exists()
+    assert not (recipe / "exp" / "tiny_qwen3_cascade" / "model" / "adapter.pt").exists()  # text only
+
+    grid = (recipe / "exp" / "GRID.md").read_text()
+    sections = grid.split("\n## ")
+    table1, table2, cascade, scores = (next(s for s in sections if s.startswith(t)) for t in
+                                       ("Table 1", "Table 2", "Cascade baseline", "All scores"))
+    for llm in ("tiny_llama", "tiny_qwen3"):
+        assert f"| {llm} | test |" in table1 and f"| {llm} | test |" in cascade
+        assert table2.count(f"| {llm} | test |") == 2
+        for mode in ("regular", "reasoning", "hybrid_no_think", "hybrid_think", "cascade"):
+            exp = f"{llm}_{mode.split('_')[0]}"
+            s = json.loads((recipe / "exp" / exp / f"decode_test_{mode}" / "score" / "scores.json").read_text())
+            p = s["partial"]
+            row = (f"| {llm} | test | {mode} | {p['precision']:.4f} / {p['recall']:.4f} / {p['f1']:.4f} | ")
+            assert row in scores, row
+            assert f"| {s['n_utts']} | {s['n_unparseable']} | {s['n_missing']} |" in scores
+    assert (recipe / "exp" / "GRID_f1.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](GRID_f1.png)" in grid
+
+
+@pytest.mark.slow
+def test_adding_a_foundation_model_as_the_readme_says(recipe):
+    # README, "Adding a foundation model": copy the closest config, change what differs. Here a tiny
+    # random Phi-3-family model (the architecture of Phi-4-mini-reasoning) built from its config class.
+    cfg = yaml.safe_load((recipe / "conf" / "llm" / "tiny_llama.yaml").read_text())
+    cfg["tiny"] = {**cfg["tiny"], "model_type": "phi3", "original_max_position_embeddings": 2048}
+    cfg["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    (recipe / "conf" / "llm" / "tiny_phi3.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for mode in ("regular", "hybrid"):
+        proc = run(recipe, "--preset", "mini", "--stage", "3", "--llm", "tiny_phi3", "--mode", mode,
+                   "--train_config", short_training(recipe), "--results_md", f"exp/phi3_{mode}.md", *SHORT_DECODE)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    base = json.loads((recipe / "exp" / "tiny_phi3_regular" / "base_llm" / "config.json").read_text())
+    assert base["architectures"] == ["Phi3ForCausalLM"]
+    for mode in ("regular", "hybrid_no_think", "hybrid_think"):
+        exp = "tiny_phi3_" + mode.split("_")[0]
+        scores = json.loads((recipe / "exp" / exp / f"decode_test_{mode}" / "score" / "scores.json").read_text())
+        assert scores["n_utts"] > 0 and scores["n_missing"] == 0

@@ -2,9 +2,10 @@
 
     speechllm-infer --exp exp/smollm2_135m_hybrid [--think | --no_think] [--slots a,b,c] FILE.wav...
 
-Features come from the Whisper encoder recorded in the experiment's model dir. Without
-``--slots`` the model lists the slots it finds; with it, the prompt queries those labels.
-``--think`` (reasoning and hybrid models) also prints the reasoning trace.
+Features come from the Whisper encoder recorded in the experiment's model dir; a cascade model gets
+that Whisper's transcript instead (printed as "transcript"). Without ``--slots`` the model lists the
+slots it finds; with it, the prompt queries those labels. ``--think`` (reasoning and hybrid models)
+also prints the reasoning trace.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import yaml
 
 from speechllm import prompts
-from speechllm.features import check_audio, encode, load_whisper_spec
+from speechllm.features import check_audio, encode, load_whisper_spec, transcribe
 from speechllm.logging_utils import setup_logging
 from speechllm.model.builder import SPEC_FILE, load_model
 from speechllm.parsing import parse_slots, response_part
@@ -66,10 +67,16 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"file": path, "error": reason}), flush=True)
             status = 1
             continue
-        feats = torch.from_numpy(encode(encoder, audio, cfg.pad_30s))
-        output = model.generate([model.encode(feats, prompt)], args.max_new_tokens)[0]
+        if mode == "cascade":
+            transcript = transcribe(encoder, audio, cfg.asr_max_tokens)
+            item = model.encode(None, prompts.text_prompt(prompt, transcript))
+        else:
+            item = model.encode(torch.from_numpy(encode(encoder, audio, cfg.pad_30s)), prompt)
+        output = model.generate([item], args.max_new_tokens)[0]
         parsed = parse_slots(output)
         result = {"file": path, "slots": parsed.slots, "parseable": parsed.parseable}
+        if mode == "cascade":
+            result["transcript"] = transcript
         if "<thinking>" in output:
             result["reasoning"] = output.split("<response>")[0].strip()
         elif not parsed.parseable:

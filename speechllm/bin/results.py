@@ -2,21 +2,24 @@
 
 Table 1 puts each system's regular and reasoning partial-match P/R/F1 side by side with the
 relative gain ΔF1 % = (F1_reasoning - F1_regular) / F1_regular x 100; Table 2 compares the hybrid
-model in each of its modes with the single-mode model of that mode. A full table lists exact and
-SLU-F1 as well, with the count of unparseable outputs.
+model in each of its modes with the single-mode model of that mode; the cascade table sets the
+ASR + text-LLM baseline beside each system's best end-to-end mode. A full table lists exact and
+SLU-F1 as well, with the count of unparseable outputs; ``--plot`` draws partial F1 per system and mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
 from speechllm.io_utils import atomic_write
 
-MODES = ("regular", "reasoning", "hybrid_no_think", "hybrid_think")
-_DECODE_RE = re.compile(r"^decode_(?P<set>.+)_(?P<mode>regular|reasoning|hybrid_no_think|hybrid_think)$")
+MODES = ("regular", "reasoning", "hybrid_no_think", "hybrid_think", "cascade")
+END_TO_END = MODES[:-1]
+_DECODE_RE = re.compile(r"^decode_(?P<set>.+)_(?P<mode>regular|reasoning|hybrid_no_think|hybrid_think|cascade)$")
 
 
 def prf(r: dict) -> str:
@@ -35,7 +38,7 @@ def collect(decode_dirs: list[Path]) -> dict[tuple[str, str], dict[str, dict]]:
         scores_path = ddir / "score" / "scores.json"
         if not match or not scores_path.exists():
             continue
-        system = re.sub(r"_(regular|reasoning|hybrid)(?=_|$)", "", ddir.parent.name, count=1)
+        system = re.sub(r"_(regular|reasoning|hybrid|cascade)(?=_|$)", "", ddir.parent.name, count=1)
         table.setdefault((system, match["set"]), {})[match["mode"]] = json.loads(scores_path.read_text())
     return table
 
@@ -62,6 +65,17 @@ def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | No
                 d = delta(modes[hybrid]["partial"]["f1"], base["partial"]["f1"]) if base else "n/a"
                 out.append(f"| {system} | {dset} | {single} | {prf(base['partial']) if base else '-'} | "
                            f"{prf(modes[hybrid]['partial'])} | {d} |")
+    out += ["", "## Cascade baseline: Whisper ASR transcript + the same LLM with LoRA (partial match)", "",
+            "| system | test set | cascade P / R / F1 | best end-to-end mode | its P / R / F1 | ΔF1 % vs cascade |",
+            "|---|---|---|---|---|---|"]
+    for (system, dset), modes in sorted(table.items()):
+        if "cascade" in modes:
+            casc = modes["cascade"]
+            e2e = [m for m in END_TO_END if m in modes]
+            best = max(e2e, key=lambda m: modes[m]["partial"]["f1"]) if e2e else None
+            out.append(f"| {system} | {dset} | {prf(casc['partial'])} | {best or '-'} | "
+                       f"{prf(modes[best]['partial']) if best else '-'} | "
+                       f"{delta(modes[best]['partial']['f1'], casc['partial']['f1']) if best else 'n/a'} |")
     out += ["", "## All scores", "",
             "| system | test set | mode | partial P / R / F1 | exact P / R / F1 | SLU-F1 P / R / F1 | "
             "utts | unparseable | missing |", "|---|---|---|---|---|---|---|---|---|"]
@@ -79,14 +93,46 @@ def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | No
     return "\n".join(out) + "\n"
 
 
+def plot(table: dict[tuple[str, str], dict[str, dict]], png: Path) -> None:
+    """Grouped bars: partial-match F1 of every system (and test set) in every mode it has."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(table)
+    width = 0.8 / len(MODES)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys)), 4))
+    for j, mode in enumerate(MODES):
+        xs = [i + (j - (len(MODES) - 1) / 2) * width for i, k in enumerate(keys) if mode in table[k]]
+        ys = [table[k][mode]["partial"]["f1"] for k in keys if mode in table[k]]
+        if xs:
+            ax.bar(xs, ys, width, label=mode)
+    ax.set_xticks(range(len(keys)), [f"{s}\n({d})" for s, d in keys], fontsize=8)
+    ax.set_ylabel("partial-match F1")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(png, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--decode_dirs", type=Path, nargs="+", required=True)
     parser.add_argument("--stage_times", type=Path)
     parser.add_argument("--command", default="run.sh")
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--plot", type=Path, help="bar chart PNG of partial F1 per system and mode")
     args = parser.parse_args(argv)
-    text = render(collect(args.decode_dirs), args.stage_times, args.command)
+    table = collect(args.decode_dirs)
+    text = render(table, args.stage_times, args.command)
+    if args.plot:
+        plot(table, args.plot)
+        text += f"\n![partial F1 per system and mode]({os.path.relpath(args.plot, args.output.parent)})\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.output) as f:
         f.write(text)

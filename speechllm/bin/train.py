@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train_config", type=Path, required=True, help="conf/train*.yaml")
     parser.add_argument("--outdir", type=Path, required=True)
     parser.add_argument("--whisper", help="the encoder of the features, recorded for speechllm-infer")
-    parser.add_argument("--mode", choices=("regular", "reasoning", "hybrid"), help="recorded for speechllm-infer")
+    parser.add_argument("--mode", choices=("regular", "reasoning", "hybrid", "cascade"),
+                        help="recorded for speechllm-infer")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: a GPU when one is visible; under torchrun each process takes cuda:LOCAL_RANK")
     args = parser.parse_args(argv)

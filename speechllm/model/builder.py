@@ -1,7 +1,8 @@
 """Building a fresh SpeechLLM, and saving / loading a trained one as a self-describing directory.
 
 A model directory holds ``speechllm.yaml`` (LLM config, base weights location, adapter shape),
-``adapter.pt`` (the projector) and ``lora/`` (the PEFT adapter, loadable by ``PeftModel``).
+``adapter.pt`` (the projector) and ``lora/`` (the PEFT adapter, loadable by ``PeftModel``). A text-only
+model (the cascade, ``feat_dim: 0``) has no adapter.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ SPEC_FILE = "speechllm.yaml"
 @dataclass
 class ModelSpec:
     llm: dict
-    feat_dim: int
+    feat_dim: int  # Whisper feature width; 0: a text-only model (the cascade), no adapter
     adapter_hidden: int = 2048
     stack: int = 4
     base_llm: str | None = None  # saved base weights (tiny models), relative to the model dir
     whisper: str | None = None  # the encoder the features came from (name, checkpoint or YAML)
-    mode: str | None = None  # regular | reasoning | hybrid: how the model was trained
+    mode: str | None = None  # regular | reasoning | hybrid | cascade: how the model was trained
 
     @property
     def llm_config(self) -> LLMConfig:
@@ -46,9 +47,14 @@ def build_speechllm(spec: ModelSpec, base_path: str | Path | None = None,
     llm, tokenizer = load_llm(cfg, base_path, device)
     llm = add_lora(llm, cfg)
     torch.manual_seed(cfg.seed + 1)
-    adapter = FrameStackAdapter(spec.feat_dim, llm.get_input_embeddings().weight.shape[1],
-                                spec.adapter_hidden, spec.stack)
-    return SpeechLLM(llm, tokenizer, adapter, PromptFormatter(tokenizer, cfg)).to(device)
+    return SpeechLLM(llm, tokenizer, new_adapter(spec, llm), PromptFormatter(tokenizer, cfg)).to(device)
+
+
+def new_adapter(spec: ModelSpec, llm) -> FrameStackAdapter | None:
+    if not spec.feat_dim:
+        return None
+    return FrameStackAdapter(spec.feat_dim, llm.get_input_embeddings().weight.shape[1], spec.adapter_hidden,
+                             spec.stack)
 
 
 def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path: str | Path | None) -> None:
@@ -56,7 +62,8 @@ def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path:
     outdir = Path(outdir)
     tmp = outdir.with_name(outdir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(model.adapter.state_dict(), tmp / "adapter.pt")
+    if model.adapter is not None:
+        torch.save(model.adapter.state_dict(), tmp / "adapter.pt")
     model.llm.save_pretrained(tmp / "lora")
     data = dataclasses.asdict(spec)
     if base_path is not None:
@@ -81,8 +88,8 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> SpeechLLM:
     base = (model_dir / spec.base_llm).resolve() if spec.base_llm else None
     llm, tokenizer = load_llm(cfg, base, device)
     llm = PeftModel.from_pretrained(llm, model_dir / "lora")
-    adapter = FrameStackAdapter(spec.feat_dim, llm.get_input_embeddings().weight.shape[1],
-                                spec.adapter_hidden, spec.stack)
-    adapter.load_state_dict(torch.load(model_dir / "adapter.pt", map_location="cpu"))
+    adapter = new_adapter(spec, llm)
+    if adapter is not None:
+        adapter.load_state_dict(torch.load(model_dir / "adapter.pt", map_location="cpu"))
     model = SpeechLLM(llm, tokenizer, adapter, PromptFormatter(tokenizer, cfg)).to(device)
     return model.eval()

@@ -38,6 +38,9 @@ class LLMConfig:
     prompt_style: str = "chat"  # "chat": tokenizer's chat template; "plain": plain_template
     plain_template: str = "{prompt}\nResponse:\n"
     system_prompt: str | None = None  # None: whatever the chat template does by default
+    chat_template: str | None = None  # replaces the tokenizer's (Jinja); tiny models use their family's
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. Qwen3's {enable_thinking: false}
+    response_prefix: str = ""  # appended after the generation prompt (closes DeepSeek-R1's open <think>)
     dtype: str = "float32"
     quantization: str | None = None  # None or "nf4" (QLoRA through bitsandbytes)
     lora: dict = field(default_factory=lambda: {"r": 32, "lora_alpha": 128, "lora_dropout": 0.05,
@@ -109,6 +112,8 @@ def load_llm(cfg: LLMConfig, path: str | Path | None = None, device: torch.devic
         kwargs["device_map"] = {"": torch.device(device)}
     tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}))
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = cfg.chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for p in model.parameters():
@@ -130,22 +135,29 @@ class PromptFormatter:
     def __init__(self, tokenizer, cfg: LLMConfig) -> None:
         self.tokenizer, self.cfg = tokenizer, cfg
 
-    def render(self, prompt: str) -> tuple[str, str]:
+    def render(self, prompt: str, audio: bool = True) -> tuple[str, str]:
+        """The text before and after the audio placeholder (all of it before, for a text-only prompt)."""
+        if (AUDIO in prompt) != audio:
+            raise ValueError(f"{'an audio' if audio else 'a text-only'} example needs "
+                             f"{'one' if audio else 'no'} {AUDIO} placeholder in its prompt: {prompt!r}")
         if self.cfg.prompt_style == "chat":
             messages = [{"role": "user", "content": prompt}]
             if self.cfg.system_prompt is not None:
                 messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      **self.cfg.chat_template_kwargs)
         else:
             text = (self.tokenizer.bos_token or "") + self.cfg.plain_template.format(prompt=prompt)
-        if AUDIO not in text:
-            raise ValueError(f"prompt has no {AUDIO} placeholder: {prompt!r}")
+        text += self.cfg.response_prefix
+        if not audio:
+            return text, ""
         before, after = text.split(AUDIO, 1)
         return before, after
 
-    def encode(self, prompt: str, target: str | None = None) -> tuple[list[int], list[int], list[int]]:
+    def encode(self, prompt: str, target: str | None = None,
+               audio: bool = True) -> tuple[list[int], list[int], list[int]]:
         """Token ids before the audio, after it, and of the target (ending with EOS)."""
-        before, after = self.render(prompt)
+        before, after = self.render(prompt, audio)
         enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         target_ids = [] if target is None else enc(target) + [self.tokenizer.eos_token_id]
         return enc(before), enc(after), target_ids

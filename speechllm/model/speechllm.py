@@ -21,48 +21,62 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Encoded:
-    """One tokenised example; ``feats`` are the Whisper frames ``[T, D]``."""
+    """One tokenised example; ``feats`` are the Whisper frames ``[T, D]`` (None: text only, the cascade)."""
 
-    feats: torch.Tensor
+    feats: torch.Tensor | None
     before: list[int]
     after: list[int]
     target: list[int]
 
+    @property
+    def prompt_length(self) -> int:
+        """Prompt tokens plus feature frames: the key that groups similar lengths into a batch."""
+        return len(self.before) + len(self.after) + (0 if self.feats is None else len(self.feats))
+
 
 class SpeechLLM(nn.Module):
-    def __init__(self, llm: nn.Module, tokenizer, adapter: FrameStackAdapter, formatter: PromptFormatter) -> None:
+    """The LLM with the adapter's audio spliced in; without an adapter, a text-only LLM (the cascade)."""
+
+    def __init__(self, llm: nn.Module, tokenizer, adapter: FrameStackAdapter | None,
+                 formatter: PromptFormatter) -> None:
         super().__init__()
         self.llm, self.adapter = llm, adapter
         self.tokenizer, self.formatter = tokenizer, formatter
 
     @property
     def device(self) -> torch.device:
-        return next(self.adapter.parameters()).device
+        return self.llm.get_input_embeddings().weight.device
 
-    def encode(self, feats: torch.Tensor, prompt: str, target: str | None = None) -> Encoded:
-        return Encoded(feats, *self.formatter.encode(prompt, target))
+    def encode(self, feats: torch.Tensor | None, prompt: str, target: str | None = None) -> Encoded:
+        return Encoded(feats, *self.formatter.encode(prompt, target, audio=feats is not None))
 
     def _embed_tokens(self, ids: list[int]) -> torch.Tensor:
         table = self.llm.get_input_embeddings()
         return table(torch.tensor(ids, dtype=torch.long, device=self.device))
 
-    def audio_embeddings(self, items: list[Encoded]) -> list[torch.Tensor]:
-        lengths = torch.tensor([len(it.feats) for it in items], device=self.device)
-        feats = nn.utils.rnn.pad_sequence([it.feats for it in items], batch_first=True).to(self.device)
+    def audio_embeddings(self, items: list[Encoded]) -> list[torch.Tensor | None]:
+        """Adapter outputs of the items with audio (None for text-only items)."""
+        with_audio = [it for it in items if it.feats is not None]
+        if not with_audio:
+            return [None] * len(items)
+        if self.adapter is None:
+            raise ValueError("this model has no adapter (a text-only cascade model) but was given audio")
+        lengths = torch.tensor([len(it.feats) for it in with_audio], device=self.device)
+        feats = nn.utils.rnn.pad_sequence([it.feats for it in with_audio], batch_first=True).to(self.device)
         out, out_lengths = self.adapter(feats, lengths)
         dtype = self.llm.get_input_embeddings().weight.dtype
-        return [out[i, : out_lengths[i]].to(dtype) for i in range(len(items))]
+        audio = iter(out[i, : out_lengths[i]].to(dtype) for i in range(len(with_audio)))
+        return [next(audio) if it.feats is not None else None for it in items]
 
     def build_batch(self, items: list[Encoded], padding_side: str) -> dict[str, torch.Tensor]:
         """``inputs_embeds``, ``attention_mask`` and ``labels`` for a list of examples."""
         audio = self.audio_embeddings(items)
         rows, labels = [], []
         for item, a in zip(items, audio):
-            parts = [self._embed_tokens(item.before), a, self._embed_tokens(item.after)]
-            if item.target:
-                parts.append(self._embed_tokens(item.target))
+            parts = [self._embed_tokens(item.before)] + ([a] if a is not None else [])
+            parts += [self._embed_tokens(ids) for ids in (item.after, item.target) if ids]
             rows.append(torch.cat(parts))
-            n_prompt = len(item.before) + len(a) + len(item.after)
+            n_prompt = sum(len(p) for p in parts) - len(item.target)
             labels.append(torch.tensor([IGNORE_INDEX] * n_prompt + item.target, device=self.device))
         width = max(len(r) for r in rows)
         dim = rows[0].shape[1]

@@ -4,7 +4,7 @@
 #
 #   0 corpus preparation      local/data.sh -> data/<set>/
 #   1 Whisper features + ASR  dump/<set>/feats.scp, text_asr
-#   2 data formatting         dump/<set>/{regular,reasoning,hybrid}.jsonl
+#   2 data formatting         dump/<set>/{regular,reasoning,hybrid,cascade}.jsonl
 #   3 LoRA/QLoRA training     exp/<llm>_<mode><tag>/
 #   4 decoding                exp/<llm>_<mode><tag>/decode_<set>_<mode>/
 #   5 scoring                 .../score/scores.json and ${results_md}
@@ -22,14 +22,14 @@ seed=1
 local_data_opts=""   # passed to local/data.sh
 # Stage 1
 whisper=base         # Whisper size name, checkpoint path, or conf/whisper/*.yaml
-asr=true             # also decode Whisper ASR hypotheses (context and cascade)
+asr=true             # also decode Whisper ASR hypotheses (context and the cascade)
 # Stage 2
 context_source=asr   # asr | reference
 query_prob=0.5
 # Stage 3
 llm=smollm2_135m     # conf/llm/<llm>.yaml
 llm_path=""          # overrides the config's name_or_path (a local copy of the weights)
-mode=all             # regular | reasoning | hybrid | all
+mode=all             # regular | reasoning | hybrid | cascade | all (all four)
 train_config=conf/train.yaml
 tag=""               # suffix of the experiment dir name
 ngpu=0               # GPUs per node (0: CPU)
@@ -71,10 +71,14 @@ if [ ! -f "${llm_config}" ]; then
   exit 1
 fi
 case "${mode}" in
-  all) modes="regular reasoning hybrid" ;;
-  regular|reasoning|hybrid) modes=${mode} ;;
-  *) log "Error: --mode must be regular, reasoning, hybrid or all, got '${mode}'"; exit 1 ;;
+  all) modes="regular reasoning hybrid cascade" ;;
+  regular|reasoning|hybrid|cascade) modes=${mode} ;;
+  *) log "Error: --mode must be regular, reasoning, hybrid, cascade or all, got '${mode}'"; exit 1 ;;
 esac
+if [[ " ${modes} " == *" cascade "* ]] && [ "${asr}" != true ]; then
+  log "Error: the cascade (--mode cascade or all) needs Whisper's transcripts: --asr true"
+  exit 1
+fi
 [ -f "${train_config}" ] || { log "Error: --train_config ${train_config} not found"; exit 1; }
 if [ -n "${llm_path}" ]; then
   # the config stays the single description of the model; only its location changes
@@ -159,7 +163,7 @@ stage3() {
 # decode targets of a mode: "<jsonl mode> <row mode filter> <max new tokens>"
 decode_targets() {
   case "$1" in
-    regular) echo "regular - ${max_new_tokens_regular}" ;;
+    regular|cascade) echo "$1 - ${max_new_tokens_regular}" ;;
     reasoning) echo "reasoning - ${max_new_tokens_reasoning}" ;;
     hybrid) echo "hybrid hybrid_no_think ${max_new_tokens_regular}"
             echo "hybrid hybrid_think ${max_new_tokens_reasoning}" ;;
@@ -211,7 +215,7 @@ stage5() {
   done
   log "Stage 5: writing ${results_md}"
   python -m speechllm.bin.results --decode_dirs "${ddirs[@]}" --stage_times "${stage_times}" \
-    --command "${SF_COMMAND:-$0 ${args[*]}}" --output "${results_md}"
+    --command "${SF_COMMAND:-$0 ${args[*]}}" --output "${results_md}" --plot "${results_md%.md}_f1.png"
 }
 
 for s in 0 1 2 3 4 5; do

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Call-centre slot filling (synthetic calls spoken by espeak-ng). Stages: see sf.sh.
-#   ./run.sh                      # default: Whisper base + SmolLM2-135M, all three modes
+#   ./run.sh                      # default: Whisper base + SmolLM2-135M; regular, reasoning, hybrid, cascade
 #   ./run.sh --preset mini        # CI-sized: tiny models built from configs, a few minutes on CPU
 #   ./run.sh --stage 3 --llm llama31_8b --mode reasoning
+#   local/run_grid.sh --llms "qwen3_0_6b qwen3_4b"   # the paper's LLM x mode grid, one RESULTS.md
 set -euo pipefail
 
 [ -f ../../../tools/venv/.installed ] || ../../../tools/install.sh
