@@ -86,10 +86,11 @@ def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | No
                 out.append(f"| {system} | {dset} | {mode} | {prf(r['partial'])} | {prf(r['exact'])} | "
                            f"{prf(r['slu_f1'])} | {r['n_utts']} | {r['n_unparseable']} | {r['n_missing']} |")
     if stage_times and stage_times.exists():
-        out += ["", "## Wall time per stage (this machine)", "", "| stage | seconds | finished |", "|---|---|---|"]
+        out += ["", "## Wall time per stage (this machine)", "", "| stage | run (LLM, mode) | seconds | finished |",
+                "|---|---|---|---|"]
         for line in stage_times.read_text().splitlines():
-            stage, seconds, when = line.split("\t")
-            out.append(f"| {stage} | {seconds} | {when} |")
+            stage, seconds, when, *what = line.split("\t")  # older files have no run column
+            out.append(f"| {stage} | {what[0] if what else '-'} | {seconds} | {when} |")
     return "\n".join(out) + "\n"
 
 

@@ -93,11 +93,13 @@ expdir_of() { echo "exp/${llm}_$1${tag:+_${tag}}"; }
 all_sets="${train_set} ${valid_set} ${test_sets}"
 mkdir -p exp
 stage_times=exp/stage_times.tsv
-timed() {  # timed <stage> <command...>: run and record the wall time of a stage
+timed() {  # timed <stage> <command...>: run and record the wall time of a stage, and of what
   local s=$1; shift
   local start=${SECONDS}
   "$@"
-  printf '%s\t%s\t%s\n' "$s" "$((SECONDS - start))" "$(date '+%Y-%m-%dT%H:%M:%S')" >> "${stage_times}"
+  local what="data"
+  [ "${s}" -ge 3 ] && what="${llm} ${mode}${tag:+ ${tag}}"
+  printf '%s\t%s\t%s\t%s\n' "$s" "$((SECONDS - start))" "$(date '+%Y-%m-%dT%H:%M:%S')" "${what}" >> "${stage_times}"
 }
 
 stage0() {
