@@ -108,7 +108,7 @@ def plot(table: dict[tuple[str, str], dict[str, dict]], png: Path) -> None:
         xs = [i + (j - (len(MODES) - 1) / 2) * width for i, k in enumerate(keys) if mode in table[k]]
         ys = [table[k][mode]["partial"]["f1"] for k in keys if mode in table[k]]
         if xs:
-            ax.bar(xs, ys, width, label=mode)
+            ax.bar_label(ax.bar(xs, ys, width, label=mode), fmt="%.2f", fontsize=6)  # zeros stay visible
     ax.set_xticks(range(len(keys)), [f"{s}\n({d})" for s, d in keys], fontsize=8)
     ax.set_ylabel("partial-match F1")
     ax.set_ylim(0, 1)
