@@ -130,19 +130,21 @@ def in_queue(job_id: str) -> bool:
 def wait(job_id: str, indices: list[int], done: str) -> dict[int, int | None]:
     """Exit status of each index once all have reported or the job left the queue (None: no report)."""
     status: dict[int, int | None] = {}
-    polls = 0
-    while True:
+
+    def collect() -> None:
         for i in indices:
             if i not in status and os.path.exists(f"{done}.{i}"):
                 status[i] = int(Path(f"{done}.{i}").read_text().strip() or 1)
+
+    polls = 0
+    while True:
+        collect()
         if len(status) == len(indices):
             return status
         polls += 1
         if polls % SQUEUE_EVERY == 0 and not in_queue(job_id):
             time.sleep(2 * POLL_S)  # a status file written just before the job left the queue
-            for i in indices:
-                if i not in status and os.path.exists(f"{done}.{i}"):
-                    status[i] = int(Path(f"{done}.{i}").read_text().strip() or 1)
+            collect()
             return {i: status.get(i) for i in indices}
         time.sleep(POLL_S)
 
