@@ -9,6 +9,9 @@ depend on order or parallelism, and the regular and reasoning examples share one
   the slot inventory, shuffled; the target then lists every queried label, ``'None'`` when absent;
 * a template drawn from the 10 of its case (:mod:`speechllm.prompts`).
 
+The reasoning trace explains each gold label by its description: the utterance's own (the
+``descriptions`` of its ``slots.jsonl`` row) where given, else the inventory's.
+
 Targets are JSON with double quotes. The reasoning target follows the paper's Figure 3. The cascade
 (the baseline of SPEC §9) has the regular example's prompt and target, with Whisper's transcript of
 the turn in the audio's place and no features.
@@ -23,7 +26,7 @@ from pathlib import Path
 from random import Random
 
 from speechllm import prompts
-from speechllm.io_utils import InputError, atomic_write, read_kaldi_map, read_slots
+from speechllm.io_utils import InputError, atomic_write, read_descriptions, read_kaldi_map, read_slots
 from speechllm.parsing import format_slots
 
 log = logging.getLogger(__name__)
@@ -129,6 +132,7 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
     num_frames = read_kaldi_map(dump_dir / "utt2num_frames") if (dump_dir / "utt2num_frames").exists() else {}
     text = read_kaldi_map(data_dir / "text")
     gold_all = read_slots(data_dir / "slots.jsonl")
+    utt_descriptions = read_descriptions(data_dir / "slots.jsonl")
     asr_path = dump_dir / "text_asr"
     asr = read_kaldi_map(asr_path, allow_empty_value=True) if asr_path.exists() else None
     if asr is None:
@@ -168,7 +172,8 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
                 "slots": target_slots(gold, draw.queried)}
         regular = {**base, "mode": "regular", "prompt": draw.prompt, "target": regular_target(gold, draw.queried)}
         reasoning = {**base, "mode": "reasoning", "prompt": draw.prompt,
-                     "target": reasoning_target(text[utt], gold, draw.queried, descriptions)}
+                     "target": reasoning_target(text[utt], gold, draw.queried,
+                                                {**descriptions, **utt_descriptions.get(utt, {})})}
         out["regular"].append({"id": utt, **regular})
         out["reasoning"].append({"id": utt, **reasoning})
         out["hybrid"].append({"id": f"{utt}#no_think", **regular, "mode": "hybrid_no_think",

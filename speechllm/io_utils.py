@@ -75,3 +75,17 @@ def read_slots(path: str | Path) -> dict[str, dict[str, str]]:
             raise InputError(f"{path}:{lineno}: slot labels and values must be strings")
         out[obj["utt_id"]] = obj["slots"]
     return out
+
+
+def read_descriptions(path: str | Path) -> dict[str, dict[str, str]]:
+    """The optional per-utterance ``descriptions`` of ``slots.jsonl`` rows (label meanings that differ
+    per utterance, e.g. per SGD service); utterances without them are absent."""
+    out: dict[str, dict[str, str]] = {}
+    for lineno, obj in read_jsonl(path):
+        descriptions = obj.get("descriptions")
+        if descriptions is None:
+            continue
+        if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
+            raise InputError(f"{path}:{lineno}: 'descriptions' must map labels to strings")
+        out[obj["utt_id"]] = descriptions
+    return out

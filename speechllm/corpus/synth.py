@@ -1,8 +1,11 @@
 """Speak a conversation corpus with espeak-ng into Kaldi-style data dirs (stage 0).
 
-Each turn becomes one 16 kHz wav and one utterance ``<conv>_<speaker>_<turn>``. Agents and
-customers draw from disjoint voice sets; rate and pitch are drawn per call and side, seeded.
-Written per split: ``wav.scp text utt2spk spk2utt utt2conv utt2turn slots.jsonl slot_inventory.json``.
+Each turn becomes one 16 kHz wav and one utterance ``<conv>_<speaker>_<turn>``. The two sides of a
+call (agent or system, customer or user) draw from disjoint voice sets; rate and pitch are drawn
+per call and side, seeded. Written per split: ``wav.scp text utt2spk spk2utt utt2conv utt2turn
+slots.jsonl slot_inventory.json``, and ``utt2group`` when turns carry a ``group`` (SGD's seen and
+unseen services). A turn's ``descriptions`` (its labels' meanings, where they differ per service)
+go into its ``slots.jsonl`` row.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ VOICES = {
     "agent": ("en-us+m3", "en-us+f2", "en-gb-x-rp+m1", "en-us+f4", "en+m4"),
     "customer": ("en-gb+m2", "en-gb-scotland+f3", "en-us+m7", "en-gb-x-rp+f1", "en-029+m5", "en-us-nyc+f5"),
 }
+SIDES = {"agent": "agent", "system": "agent", "customer": "customer", "user": "customer"}
 
 
 def espeak_binary() -> str:
@@ -50,16 +54,19 @@ def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
 
 def voice_for(conv_id: str, speaker: str, seed: int) -> tuple[str, int, int]:
     rng = Random(f"voice-{seed}-{conv_id}-{speaker}")
-    return rng.choice(VOICES.get(speaker, VOICES["customer"])), rng.randint(145, 185), rng.randint(35, 70)
+    return rng.choice(VOICES[SIDES[speaker]]), rng.randint(145, 185), rng.randint(35, 70)
 
 
 def utt_id(conv_id: str, speaker: str, turn: int) -> str:
     return f"{conv_id}_{speaker}_{turn:03d}"
 
 
-def build_data_dirs(conversations: Path, inventory: Path, wavdir: Path, datadir: Path,
+def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, datadir: Path,
                     nj: int = 2, seed: int = 1) -> dict[str, int]:
-    """Synthesise every turn (skipping wavs that already exist) and write one data dir per split."""
+    """Synthesise every turn (skipping wavs that already exist) and write one data dir per split.
+
+    ``inventory`` is one file for every split, or a pattern with ``{split}`` for one per split.
+    """
     wavdir.mkdir(parents=True, exist_ok=True)
     calls = []
     for lineno, call in read_jsonl(conversations):
@@ -72,6 +79,9 @@ def build_data_dirs(conversations: Path, inventory: Path, wavdir: Path, datadir:
         for turn, t in enumerate(call["turns"]):
             if not t["text"].strip():
                 raise InputError(f"{conversations}: call {call['conv_id']} turn {turn} has empty text")
+            if t["speaker"] not in SIDES:
+                raise InputError(f"{conversations}: call {call['conv_id']} turn {turn}: unknown speaker "
+                                 f"{t['speaker']!r} (one of {', '.join(SIDES)})")
             uid = utt_id(call["conv_id"], t["speaker"], turn)
             jobs.append((wavdir / f"{uid}.wav", t["text"], *voice_for(call["conv_id"], t["speaker"], seed)))
 
@@ -89,7 +99,7 @@ def build_data_dirs(conversations: Path, inventory: Path, wavdir: Path, datadir:
     for split in sorted({c["split"] for c in calls}):
         out = datadir / split
         out.mkdir(parents=True, exist_ok=True)
-        wav, text, utt2spk, utt2conv, utt2turn, slots = {}, {}, {}, {}, {}, {}
+        wav, text, utt2spk, utt2conv, utt2turn, utt2group, rows = {}, {}, {}, {}, {}, {}, {}
         for call in (c for c in calls if c["split"] == split):
             for turn, t in enumerate(call["turns"]):
                 uid = utt_id(call["conv_id"], t["speaker"], turn)
@@ -98,17 +108,26 @@ def build_data_dirs(conversations: Path, inventory: Path, wavdir: Path, datadir:
                 utt2spk[uid] = f"{call['conv_id']}_{t['speaker']}"
                 utt2conv[uid] = call["conv_id"]
                 utt2turn[uid] = str(turn)
-                slots[uid] = t["slots"]
+                if "group" in t:
+                    utt2group[uid] = t["group"]
+                rows[uid] = {"utt_id": uid, "slots": t["slots"]}
+                if t.get("descriptions"):
+                    rows[uid]["descriptions"] = t["descriptions"]
         spk2utt: dict[str, list[str]] = {}
         for uid in sorted(utt2spk):
             spk2utt.setdefault(utt2spk[uid], []).append(uid)
         for name, mapping in (("wav.scp", wav), ("text", text), ("utt2spk", utt2spk), ("utt2conv", utt2conv),
                               ("utt2turn", utt2turn), ("spk2utt", {k: " ".join(v) for k, v in spk2utt.items()})):
             write_kaldi_map(out / name, mapping)
+        if utt2group:
+            write_kaldi_map(out / "utt2group", utt2group)
         with atomic_write(out / "slots.jsonl") as f:
-            for uid in sorted(slots):
-                f.write(json.dumps({"utt_id": uid, "slots": slots[uid]}, ensure_ascii=False) + "\n")
-        shutil.copyfile(inventory, out / "slot_inventory.json")
+            for uid in sorted(rows):
+                f.write(json.dumps(rows[uid], ensure_ascii=False) + "\n")
+        source = Path(str(inventory).format(split=split))
+        if not source.is_file():
+            raise InputError(f"{source}: slot inventory of split {split!r} not found")
+        shutil.copyfile(source, out / "slot_inventory.json")
         counts[split] = len(wav)
         log.info("%s: %d utterances from %d calls", out, len(wav), sum(c["split"] == split for c in calls))
     return counts
@@ -117,7 +136,8 @@ def build_data_dirs(conversations: Path, inventory: Path, wavdir: Path, datadir:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--conversations", type=Path, required=True)
-    parser.add_argument("--inventory", type=Path, required=True)
+    parser.add_argument("--inventory", required=True,
+                        help="slot_inventory.json of every split, or a pattern with {split}")
     parser.add_argument("--wavdir", type=Path, required=True)
     parser.add_argument("--datadir", type=Path, required=True)
     parser.add_argument("--nj", type=int, default=2)
