@@ -215,6 +215,10 @@ def format_table(result: dict, title: str = "") -> str:
         lines.append(f"{name:<10} {r['precision']:7.4f} {r['recall']:7.4f} {r['f1']:7.4f}")
     lines.append(f"utterances {result['n_utts']}, missing {result['n_missing']}, "
                  f"unparseable {result['n_unparseable']}")
+    for group, r in result.get("groups", {}).items():
+        p = r["partial"]
+        lines.append(f"group {group}: partial {p['precision']:.4f} {p['recall']:.4f} {p['f1']:.4f} "
+                     f"({r['n_utts']} utterances)")
     lines.append("")
     lines.append(f"{'slot (partial)':<32} {'P':>7} {'R':>7} {'F1':>7} {'n_ref':>6}")
     for label, scores in result["per_slot"].items():

@@ -60,17 +60,32 @@ def _deterministic():
     torch.set_num_threads(2)
 
 
-def copy_recipe(root: Path) -> Path:
-    """A private copy of the call-centre recipe (shared code linked in), so runs never touch the source tree."""
+def copy_recipe(root: Path, corpus: str = "callcenter") -> Path:
+    """A private copy of a recipe (shared code linked in), so runs never touch the source tree.
+
+    Other recipes link the call-centre recipe's model configs, so that one is linked in read-only.
+    """
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is missing: run tools/install.sh (as root it installs it)")
     for name in ("utils", "tools", "speechllm"):
         (root / name).symlink_to(REPO / name)
     (root / "egs" / "TEMPLATE").mkdir(parents=True)
     (root / "egs" / "TEMPLATE" / "sf1").symlink_to(REPO / "egs" / "TEMPLATE" / "sf1")
-    shutil.copytree(RECIPE, root / "egs" / "callcenter" / "sf1", symlinks=True,
+    if corpus != "callcenter":
+        (root / "egs" / "callcenter").symlink_to(RECIPE.parent)
+    shutil.copytree(REPO / "egs" / corpus / "sf1", root / "egs" / corpus / "sf1", symlinks=True,
                     ignore=shutil.ignore_patterns("data", "dump", "exp", "downloads"))
-    return root / "egs" / "callcenter" / "sf1"
+    return root / "egs" / corpus / "sf1"
+
+
+def sgd_root() -> Path:
+    """The shared SGD subset (``$SGD_ROOT``, else ``../shared/data/sgd`` beside the repository)."""
+    candidates = [Path(os.environ["SGD_ROOT"])] if "SGD_ROOT" in os.environ else []
+    candidates += [REPO.parent / "shared" / "data" / "sgd", Path("/work/shared/data/sgd")]
+    for path in candidates:
+        if (path / "train" / "schema.json").is_file():
+            return path
+    pytest.fail(f"the SGD data is missing: set SGD_ROOT (tried {', '.join(map(str, candidates))})")
 
 
 def run(recipe: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -4,7 +4,9 @@ Table 1 puts each system's regular and reasoning partial-match P/R/F1 side by si
 relative gain ΔF1 % = (F1_reasoning - F1_regular) / F1_regular x 100; Table 2 compares the hybrid
 model in each of its modes with the single-mode model of that mode; the cascade table sets the
 ASR + text-LLM baseline beside each system's best end-to-end mode. A full table lists exact and
-SLU-F1 as well, with the count of unparseable outputs; ``--plot`` draws partial F1 per system and mode.
+SLU-F1 as well, with the count of unparseable outputs, and a group table splits the scores by the
+groups of ``scores.json`` (SGD's seen and unseen services); ``--plot`` draws partial F1 per system
+and mode.
 """
 
 from __future__ import annotations
@@ -76,6 +78,19 @@ def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | No
             out.append(f"| {system} | {dset} | {prf(casc['partial'])} | {best or '-'} | "
                        f"{prf(modes[best]['partial']) if best else '-'} | "
                        f"{delta(modes[best]['partial']['f1'], casc['partial']['f1']) if best else 'n/a'} |")
+    groups = sorted({g for modes in table.values() for r in modes.values() for g in r.get("groups", {})})
+    if groups:
+        out += ["", f"## By group: {', '.join(groups)} (partial match P / R / F1, utterances)", "",
+                "| system | test set | mode | all | " + " | ".join(groups) + " |",
+                "|---|---|---|---|" + "---|" * len(groups)]
+        for (system, dset), modes in sorted(table.items()):
+            for mode in MODES:
+                if mode in modes:
+                    r = modes[mode]
+                    cells = [f"{prf(r['groups'][g]['partial'])} ({r['groups'][g]['n_utts']})"
+                             if g in r.get("groups", {}) else "-" for g in groups]
+                    out.append(f"| {system} | {dset} | {mode} | {prf(r['partial'])} ({r['n_utts']}) | "
+                               + " | ".join(cells) + " |")
     out += ["", "## All scores", "",
             "| system | test set | mode | partial P / R / F1 | exact P / R / F1 | SLU-F1 P / R / F1 | "
             "utts | unparseable | missing |", "|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,8 @@
 """Stage 5: score a decode dir against the references of its stage-2 JSONL file.
 
 Writes ``scores.json`` (partial, exact, SLU-F1 and span F1, per-slot scores, counts of missing and
-unparseable outputs) and ``result.txt`` (the same as a table) into ``--outdir``.
+unparseable outputs) and ``result.txt`` (the same as a table) into ``--outdir``. With
+``--utt2group`` (e.g. SGD's seen and unseen services) each group is also scored on its own.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import logging
 from pathlib import Path
 
 from speechllm.data import read_examples
-from speechllm.io_utils import InputError, atomic_write, read_jsonl
+from speechllm.io_utils import InputError, atomic_write, read_jsonl, read_kaldi_map
 from speechllm.logging_utils import setup_logging
 from speechllm.metrics import format_table, score_corpus
 
 log = logging.getLogger(__name__)
 
 
-def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None) -> dict:
-    refs = {e.id: e.slots for e in read_examples(ref_jsonl, mode)}
+def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2group: Path | None = None) -> dict:
+    examples = read_examples(ref_jsonl, mode)
+    refs = {e.id: e.slots for e in examples}
     hyps: dict[str, tuple[dict[str, str], bool]] = {}
     if hyp_jsonl.exists():
         for lineno, row in read_jsonl(hyp_jsonl):
@@ -36,6 +38,15 @@ def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None) -> di
     if result["n_missing"]:
         log.warning("%d of %d utterances have no hypothesis: their slots count as false negatives",
                     result["n_missing"], result["n_utts"])
+    if utt2group is not None:
+        groups = read_kaldi_map(utt2group)
+        ungrouped = sorted(e.utt_id for e in examples if e.utt_id not in groups)
+        if ungrouped:
+            raise InputError(f"{utt2group}: no group for {len(ungrouped)} utterances of {ref_jsonl} "
+                             f"(first: {ungrouped[0]})")
+        group_of = {e.id: groups[e.utt_id] for e in examples}
+        result["groups"] = {g: score_corpus({i: r for i, r in refs.items() if group_of[i] == g}, hyps)
+                            for g in sorted(set(group_of.values()))}
     return result
 
 
@@ -46,9 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode")
     parser.add_argument("--outdir", type=Path, required=True)
     parser.add_argument("--title", default="")
+    parser.add_argument("--utt2group", type=Path, help="'<utt> <group>' lines: also score each group")
     args = parser.parse_args(argv)
     setup_logging()
-    result = score_files(args.ref_jsonl, args.hyp_jsonl, args.mode)
+    result = score_files(args.ref_jsonl, args.hyp_jsonl, args.mode, args.utt2group)
     args.outdir.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.outdir / "scores.json") as f:
         json.dump(result, f, indent=1)

@@ -102,14 +102,16 @@ def read_split(root: Path, split: str) -> tuple[dict[str, Service], list[tuple[P
                     raise InputError(f"{path}: dialogue {dialogue['dialogue_id']}: service {service!r} is not in "
                                      f"{root / split / 'schema.json'}")
             dialogues.append((path, dialogue))
+    if not dialogues:
+        raise InputError(f"{root / split}: its dialogues_*.json files hold no dialogues")
     return schema, dialogues
 
 
 class TurnReader:
-    """Turns of SGD dialogues as ``{speaker, text, slots, descriptions, group}``, counting what is left out."""
+    """Turns of SGD dialogues as ``{speaker, text, slots, descriptions, services}``, counting what is left out."""
 
-    def __init__(self, schema: dict[str, Service], collisions: frozenset[str], seen: frozenset[str]):
-        self.schema, self.collisions, self.seen = schema, collisions, seen
+    def __init__(self, schema: dict[str, Service], collisions: frozenset[str]):
+        self.schema, self.collisions = schema, collisions
         self.counts: Counter[str] = Counter()
 
     def label(self, service: Service, slot: str) -> str:
@@ -163,9 +165,18 @@ class TurnReader:
                 elif self.label(service, slot) not in slots:
                     self.counts["non-categorical action values without a span (left out)"] += 1
         self.counts["turns"] += 1
-        group = "unseen" if any(s not in self.seen for s in services) else "seen"
         return {"speaker": SPEAKERS[turn["speaker"]], "text": " ".join(text.split()), "slots": slots,
-                "descriptions": descriptions, "group": group}
+                "descriptions": descriptions, "services": services}
+
+    def dialogue(self, path: Path, dialogue: dict) -> list[dict]:
+        return [self.turn(path, dialogue["dialogue_id"], i, t) for i, t in enumerate(dialogue["turns"])]
+
+
+def grouped(turn: dict, seen: frozenset[str]) -> dict:
+    """The turn with its group in place of its services: ``unseen`` if one is not in ``seen``."""
+    row = {k: v for k, v in turn.items() if k != "services"}
+    row["group"] = "unseen" if any(s not in seen for s in turn["services"]) else "seen"
+    return row
 
 
 def select_balanced(dialogues: list[tuple[Path, dict]], n: int, rng: Random) -> list[tuple[Path, dict]]:
@@ -180,7 +191,7 @@ def select_balanced(dialogues: list[tuple[Path, dict]], n: int, rng: Random) -> 
         rng.shuffle(queues[service])
     chosen: list[int] = []
     taken: set[int] = set()
-    while len(chosen) < n:
+    while len(chosen) < n and any(queues.values()):
         for service in sorted(queues):
             queue = queues[service]
             while queue and queue[0] in taken:
@@ -215,6 +226,11 @@ def prepare(root: Path, outdir: Path, num_train: int, num_valid: int, num_test: 
     """Write ``conversations.jsonl`` and ``slot_inventory.<set>.json``; return turns per set."""
     train_schema, train_dialogues = read_split(root, "train")
     dev_schema, dev_dialogues = read_split(root, "dev")
+    collisions = domain_collisions(train_schema, dev_schema) if prefix_collisions else frozenset()
+    readers = {"train": TurnReader(train_schema, collisions), "dev": TurnReader(dev_schema, collisions)}
+    # every dialogue is converted (and so checked), whichever are selected
+    turns = {id(d): readers[split].dialogue(path, d)
+             for split, items in (("train", train_dialogues), ("dev", dev_dialogues)) for path, d in items}
     rng = Random(f"sgd-{seed}")
     train = select_balanced(train_dialogues, num_train, rng)
     taken = {id(d) for _, d in train}
@@ -230,20 +246,17 @@ def prepare(root: Path, outdir: Path, num_train: int, num_valid: int, num_test: 
     else:
         test = (select_balanced(unseen_dialogues, (num_test + 1) // 2, rng)
                 + select_balanced(seen_dialogues, num_test // 2, rng))
-    collisions = domain_collisions(train_schema, dev_schema) if prefix_collisions else frozenset()
-    readers = {"train": TurnReader(train_schema, collisions, seen), "dev": TurnReader(dev_schema, collisions, seen)}
     sets = (("train", "train", train), ("valid", "train", valid), ("dev", "dev", test))
     outdir.mkdir(parents=True, exist_ok=True)
     turns_per_set: dict[str, int] = {}
     with atomic_write(outdir / "conversations.jsonl") as f:
         for name, upstream, chosen in sets:
-            reader = readers[upstream]
             n_turns = 0
-            for path, dialogue in chosen:
-                turns = [reader.turn(path, dialogue["dialogue_id"], i, t) for i, t in enumerate(dialogue["turns"])]
-                n_turns += len(turns)
+            for _, dialogue in chosen:
+                rows = [grouped(t, seen) for t in turns[id(dialogue)]]
+                n_turns += len(rows)
                 f.write(json.dumps({"conv_id": f"{upstream}-{dialogue['dialogue_id']}", "split": name,
-                                    "domain": "+".join(dialogue["services"]), "turns": turns},
+                                    "domain": "+".join(dialogue["services"]), "turns": rows},
                                    ensure_ascii=False) + "\n")
             turns_per_set[name] = n_turns
             log.info("%s: %d dialogues, %d turns (upstream %s)", name, len(chosen), n_turns, upstream)
@@ -265,7 +278,8 @@ def download(root: Path, url: str = UPSTREAM_ZIP) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "sgd.zip"
         try:
-            urllib.request.urlretrieve(url, archive)
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
+                shutil.copyfileobj(response, f)
         except OSError as e:
             raise InputError(f"cannot download the SGD release from {url} ({e}); offline, pass a local copy: "
                              "--sgd_root /path/to/sgd (with train/ and dev/)") from None

@@ -7,7 +7,7 @@
 #   2 data formatting         dump/<set>/{regular,reasoning,hybrid,cascade}.jsonl
 #   3 LoRA/QLoRA training     exp/<llm>_<mode><tag>/
 #   4 decoding                exp/<llm>_<mode><tag>/decode_<set>_<mode>/
-#   5 scoring                 .../score/scores.json and ${results_md}
+#   5 scoring                 .../score/scores.json (per group with data/<set>/utt2group) and ${results_md}
 set -euo pipefail
 
 . utils/log.sh
@@ -206,10 +206,11 @@ stage5() {
       while read -r jsonl_mode row_mode _; do
         local name=${row_mode/-/${m}}
         local ddir=${expdir}/decode_${dset}_${name}
-        local filter=()
-        [ "${row_mode}" != - ] && filter=(--mode "${row_mode}")
+        local opts=()
+        [ "${row_mode}" != - ] && opts=(--mode "${row_mode}")
+        [ -f "data/${dset}/utt2group" ] && opts+=(--utt2group "data/${dset}/utt2group")
         log "Stage 5: scoring ${ddir}"
-        python -m speechllm.bin.score --ref_jsonl "dump/${dset}/${jsonl_mode}.jsonl" "${filter[@]}" \
+        python -m speechllm.bin.score --ref_jsonl "dump/${dset}/${jsonl_mode}.jsonl" "${opts[@]}" \
           --hyp_jsonl "${ddir}/hyp.jsonl" --outdir "${ddir}/score" --title "${ddir}" < /dev/null
         ddirs+=("${ddir}")
       done < <(decode_targets "${m}")
