@@ -121,8 +121,8 @@ def test_turns_slots_descriptions_and_groups(tmp_path, caplog):
     assert bank[1]["slots"] == {"amount": "40 dollars", "account_type": "savings"}
     assert {t["group"] for t in bank} == {"unseen"} and {t["group"] for t in napa} == {"seen"}
     log = caplog.text
-    assert "upstream dev: 1 INFORM_COUNT values of 'count', not a schema slot (left out)" in log
-    assert "upstream dev: 1 INFORM_INTENT values of 'intent', not a schema slot (left out)" in log
+    assert "upstream dev: 1 INFORM_COUNT values of 'count' (left out)" in log
+    assert "upstream dev: 1 INFORM_INTENT values of 'intent' (left out)" in log
     assert "upstream dev: 3 categorical values" in log and "upstream dev: 5 span values" in log
     assert "unseen in dev: Banks_2" in log
     # each split's inventory is its own schema: train never sees the unseen service's labels
@@ -247,3 +247,21 @@ def test_offline_download_says_how_to_pass_a_local_copy(tmp_path, monkeypatch):
     sgd.main(["--sgd_root", str(tmp_path / "local"), "--download", "--outdir", str(tmp_path / "out"),
               "--num_valid", "1"])
     assert (tmp_path / "out" / "conversations.jsonl").exists()
+
+
+def test_a_label_keeps_its_first_value_in_a_turn_and_the_rest_is_counted(tmp_path, caplog):
+    two_cities = {"dialogue_id": "1_00009", "services": ["Restaurants_1", "Hotels_1"], "turns": [
+        {"speaker": "USER", "utterance": "Dinner in Napa, then a hotel in Paris.", "frames": [
+            {"service": "Restaurants_1", "slots": [span("Dinner in Napa, then a hotel in Paris.", "Napa", "city")],
+             "actions": []},
+            {"service": "Hotels_1", "slots": [span("Dinner in Napa, then a hotel in Paris.", "Paris", "city")],
+             "actions": []}]}]}
+    dialogues = {"train": [two_cities, hotel_dialogue("1_00002")], "dev": [bank_dialogue("1_00001")]}
+    root = write_corpus(tmp_path / "sgd", dialogues)
+    with caplog.at_level(logging.INFO):
+        prepare(root, tmp_path / "plain", num_train=-1, num_valid=0, num_test=-1)
+    assert conversations(tmp_path / "plain")["train-1_00009"]["turns"][0]["slots"] == {"city": "Napa"}
+    assert "upstream train: 1 second values of a label in one turn (left out, the first is kept)" in caplog.text
+    prepare(root, tmp_path / "prefixed", num_train=-1, num_valid=0, num_test=-1, prefix_collisions=True)
+    assert conversations(tmp_path / "prefixed")["train-1_00009"]["turns"][0]["slots"] == {
+        "restaurants_city": "Napa", "hotels_city": "Paris"}

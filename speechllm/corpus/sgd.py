@@ -131,13 +131,14 @@ class TurnReader:
         descriptions: dict[str, str] = {}
         services = []
 
-        def add(service: Service, slot: str, value: str) -> None:
+        def add(service: Service, slot: str, value: str, source: str) -> None:
             label = self.label(service, slot)
             if label in slots and slots[label] != value:
-                self.counts["second value of a label in one turn (first kept)"] += 1
+                self.counts["second values of a label in one turn (left out, the first is kept)"] += 1
                 return
             slots[label] = value
             descriptions[label] = service.slots[slot].description
+            self.counts[source] += 1
 
         for frame in turn["frames"]:
             if frame.get("service") not in self.schema:
@@ -151,17 +152,15 @@ class TurnReader:
                 if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
                     raise InputError(f"{where}: span {slot} [{start}, {end}) is outside the utterance "
                                      f"({len(text)} characters)")
-                add(service, slot, text[start:end])
-                self.counts["span values"] += 1
+                add(service, slot, text[start:end], "span values")
             for action in frame.get("actions", []):
                 if not action.get("values"):
                     continue
                 slot = action.get("slot")
                 if action.get("act") not in VALUE_ACTS or slot not in service.slots:
-                    self.counts[f"{action.get('act')} values of {slot!r}, not a schema slot (left out)"] += 1
+                    self.counts[f"{action.get('act')} values of {slot!r} (left out)"] += 1
                 elif service.slots[slot].categorical:
-                    add(service, slot, str(action["values"][0]))
-                    self.counts["categorical values"] += 1
+                    add(service, slot, str(action["values"][0]), "categorical values")
                 elif self.label(service, slot) not in slots:
                     self.counts["non-categorical action values without a span (left out)"] += 1
         self.counts["turns"] += 1
