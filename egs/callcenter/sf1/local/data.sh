@@ -5,9 +5,9 @@ set -euo pipefail
 
 . utils/log.sh
 
-num_calls=300
-num_dev=20
-num_test=30
+num_calls=50
+num_dev=4
+num_test=6
 seed=1
 nj=2
 . ./db.sh
