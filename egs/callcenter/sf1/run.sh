@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Call-centre slot filling (synthetic calls spoken by espeak-ng). Stages: see sf.sh.
-#   ./run.sh                      # default: Whisper base + SmolLM2-135M; regular, reasoning, hybrid, cascade
+#   ./run.sh                      # default: Whisper base + SmolLM2-135M, all four modes, about an hour of CPU
 #   ./run.sh --preset mini        # CI-sized: tiny models built from configs, a few minutes on CPU
+#   ./run.sh --preset long        # a few hours of CPU; --preset gpu: the paper's settings on a GPU
 #   ./run.sh --stage 3 --llm llama31_8b --mode reasoning
 #   local/run_grid.sh --llms "qwen3_0_6b qwen3_4b"   # the paper's LLM x mode grid, one RESULTS.md
 set -euo pipefail
