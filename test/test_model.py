@@ -61,7 +61,33 @@ def test_audio_conditions_the_response(tiny):
     assert tiny.adapter.mlp[0].weight.grad.abs().sum() > 0
 
 
-def test_right_padding_does_not_change_the_loss(tiny):
+def test_loss_on_the_kept_logits_equals_the_full_right_padded_loss(tiny):
+    """Training runs the LM head on the target positions only; loss and gradients must not change."""
+    torch.manual_seed(3)
+    items = [tiny.encode(torch.randn(n, 16), p, t) for n, p, t in [
+        (40, "<audio>\nFind slot values.", '{"amount": "40 dollars", "account_type": "savings"}'),
+        (12, "Context:\n- I pay thirty dollars a month.\n<audio>\nFind all slot values in the audio.", "{}"),
+        (23, "<audio>\nFind new_limit.", '{"new_limit": "None"}')]]
+
+    def grads(loss_fn):
+        tiny.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in tiny.parameters() if p.grad is not None]
+
+    def full_loss():
+        batch = tiny.build_batch(items, padding_side="right")
+        return tiny.llm(**batch, num_items_in_batch=sum(len(it.target) for it in items)).loss
+
+    kept, kept_grads = grads(lambda: tiny(items, num_items_in_batch=sum(len(it.target) for it in items)))
+    full, full_grads = grads(full_loss)
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+    assert len(kept_grads) == len(full_grads) > 0
+    for a, b in zip(kept_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_does_not_change_the_loss(tiny):
     a = tiny.encode(torch.randn(40, 16), "<audio>\nFind slot values.", '{"a": "b"}')
     b = tiny.encode(torch.randn(12, 16), "<audio>\nFind all slot values in the current audio please.", "{}")
     separate = (tiny([a]) * len(a.target) + tiny([b]) * len(b.target)) / (len(a.target) + len(b.target))

@@ -92,10 +92,16 @@ class SpeechLLM(nn.Module):
         """Cross-entropy over the target tokens: their mean, or their sum / ``num_items_in_batch``.
 
         The second form lets one optimizer step average over every token of every micro-batch on
-        every process, so the update does not depend on how the batch was split.
+        every process, so the update does not depend on how the batch was split. Left padding puts
+        every target at the right edge, so the LM head (for a small LLM, the largest matrix product
+        of a step) runs only on the last ``longest target + 1`` positions, not on the prompts.
         """
-        batch = self.build_batch(items, padding_side="right")
-        return self.llm(**batch, num_items_in_batch=num_items_in_batch).loss
+        batch = self.build_batch(items, padding_side="left")
+        keep = max(len(item.target) for item in items) + 1
+        mask = batch["attention_mask"]
+        return self.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=mask,
+                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), labels=batch["labels"][:, -keep:],
+                        logits_to_keep=keep, num_items_in_batch=num_items_in_batch).loss
 
     @torch.no_grad()
     def generate(self, items: list[Encoded], max_new_tokens: int = 256, num_beams: int = 1) -> list[str]:
