@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Slot filling on the Schema-Guided Dialogue corpus (SGD, CC BY-SA 4.0), every turn spoken by
 # espeak-ng; the test set is upstream dev, scored on seen and unseen services. Stages: see sf.sh.
-#   ./run.sh --sgd_root /path/to/sgd        # default: Whisper base + SmolLM2-135M, about an hour of CPU
+#   ./run.sh --sgd_root /path/to/sgd        # default: Whisper base + SmolLM2-135M, real weights, CPU
 #   ./run.sh --preset mini --sgd_root ...   # CI-sized: a few dialogues, tiny models built from configs
 #   ./run.sh                                # online: downloads the upstream release into downloads/
 set -euo pipefail
