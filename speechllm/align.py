@@ -1,8 +1,10 @@
 """Adapter alignment phase (beyond the paper): CTC onto the LLM's frozen input-embedding space.
 
-The adapter's outputs are scored against the LLM's input-embedding matrix plus one learnable blank
-row (logits = scale * out @ [blank; E]^T) and trained with CTC against the transcript's LLM token
-ids. No LLM forward pass is needed, so a step costs a small fraction of a slot-filling step. It
+The adapter's outputs are scored against rows of the LLM's input-embedding matrix plus one
+learnable blank row (logits = scale * out @ [blank; E[vocab]]^T) and trained with CTC against the
+transcript's LLM token ids. ``vocab`` is by default the tokens that occur in the training
+transcripts (a few thousand of SmolLM2's 49,152): the softmax over the full table dominated a step's
+cost, and a token never spoken in training gets no CTC gradient anyway. No LLM forward pass is needed, so a step costs a small fraction of a slot-filling step. It
 pushes each audio position towards the embeddings of the tokens spoken there, which the LLM
 already knows how to read; slot-filling training then starts from the aligned adapter.
 Greedy CTC word error rate on held-out turns is logged as it trains.
@@ -31,11 +33,12 @@ log = logging.getLogger(__name__)
 
 
 class CTCEmbeddingHead(nn.Module):
-    """CTC output layer tied to a frozen embedding table; index 0 is the learnable blank."""
+    """CTC output layer tied to frozen embedding rows: class 0 is the learnable blank, class i the
+    token ``vocab[i - 1]``."""
 
-    def __init__(self, embeddings: torch.Tensor) -> None:
+    def __init__(self, embeddings: torch.Tensor, vocab: torch.Tensor) -> None:
         super().__init__()
-        table = embeddings.detach().float()
+        table = embeddings.detach().float()[vocab.to(embeddings.device)]
         self.register_buffer("embeddings", table, persistent=False)
         self.blank = nn.Parameter(table.mean(0, keepdim=True).clone())
         # start with unit-scale logits: 1 / mean embedding norm
@@ -47,7 +50,7 @@ class CTCEmbeddingHead(nn.Module):
 
 
 def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
-    """Best path: argmax per frame, repeats merged, blanks dropped, ids shifted back by one."""
+    """Best path: argmax per frame, repeats merged, blanks dropped, classes shifted back by one."""
     best = logits.argmax(-1).tolist()
     out = []
     for row, n in zip(best, lengths.tolist()):
@@ -64,16 +67,30 @@ class AdapterAligner:
     """Trains ``adapter`` (and the head) by CTC on (features, transcript) pairs."""
 
     def __init__(self, adapter: FrameStackAdapter, embeddings: torch.Tensor, tokenizer,
-                 lr: float = 1e-3, batch_size: int = 16, seed: int = 1) -> None:
+                 lr: float = 1e-3, batch_size: int = 16, seed: int = 1, vocab_texts: list[str] | None = None) -> None:
+        """``vocab_texts``: the CTC classes are the tokens of these texts (None: the whole table)."""
         self.adapter, self.tokenizer, self.batch_size, self.seed = adapter, tokenizer, batch_size, seed
-        self.head = CTCEmbeddingHead(embeddings).to(next(adapter.parameters()).device)
+        if vocab_texts is None:
+            self.vocab = torch.arange(len(embeddings))
+        else:
+            self.vocab = torch.tensor(sorted({t for text in vocab_texts for t in self._ids(text)}), dtype=torch.long)
+        self.class_of = torch.zeros(len(embeddings), dtype=torch.long)  # token id -> CTC class (0: not a class)
+        self.class_of[self.vocab] = torch.arange(1, len(self.vocab) + 1)
+        log.info("CTC over %d token classes + blank (of %d embedding rows)", len(self.vocab), len(embeddings))
+        self.head = CTCEmbeddingHead(embeddings, self.vocab).to(next(adapter.parameters()).device)
         self.optimizer = torch.optim.AdamW(list(adapter.parameters()) + list(self.head.parameters()), lr=lr)
         self._token_cache: dict[str, torch.Tensor] = {}
 
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def _targets(self, text: str) -> torch.Tensor:
-        """The transcript's LLM token ids shifted by one (0 is the blank), tokenised once per text."""
+        """The transcript's CTC classes, computed once per text."""
         if text not in self._token_cache:
-            self._token_cache[text] = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+            classes = self.class_of[torch.tensor(self._ids(text), dtype=torch.long)]
+            if not classes.all():
+                raise ValueError(f"transcript {text!r} has tokens outside the CTC vocabulary")
+            self._token_cache[text] = classes
         return self._token_cache[text]
 
     def _logits(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,8 +119,8 @@ class AdapterAligner:
         for i in range(0, len(examples), self.batch_size):
             chunk = examples[i : i + self.batch_size]
             logits, lengths = self._logits(chunk)
-            for e, ids in zip(chunk, greedy_ctc(logits, lengths)):
-                pairs.append((e.text, self.tokenizer.decode(ids).strip()))
+            for e, classes in zip(chunk, greedy_ctc(logits, lengths)):
+                pairs.append((e.text, self.tokenizer.decode(self.vocab[classes].tolist()).strip()))
         refs = [normalize_value(r) or "<empty>" for r, _ in pairs]
         hyps = [normalize_value(h) for _, h in pairs]
         return float(jiwer.wer(refs, hyps)), pairs

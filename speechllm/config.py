@@ -19,7 +19,10 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "<dict>") -> T
     if unknown:
         raise InputError(f"{source}: unknown config key(s) {unknown} for {cls.__name__}; "
                          f"valid keys: {sorted(names)}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise InputError(f"{source}: {e}") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

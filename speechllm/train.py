@@ -69,11 +69,16 @@ class TrainConfig:
     align_batch_size: int = 16
     align_lr: float = 1.0e-3
     align_eval_every: int = 50
+    align_vocab: str = "transcripts"  # CTC classes: "transcripts" (tokens of the training transcripts) or "full"
     # budgets and learning curves
     max_minutes: float | None = None  # stop after this much training time (alignment included)
     eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
     eval_max_examples: int = 40
     eval_max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if self.align_vocab not in ("transcripts", "full"):
+            raise ValueError(f"align_vocab must be 'transcripts' or 'full', not {self.align_vocab!r}")
 
 
 def set_seed(seed: int) -> None:
@@ -250,12 +255,13 @@ class Trainer:
         """Run the CTC alignment phase once (on rank 0); a finished phase is reloaded, not repeated."""
         done = self.outdir / "align" / "adapter.pt"
         if self.world.is_main and not done.exists():
-            unique = lambda items: list({it.example.utt_id: it.example for it in items}.values())  # noqa: E731
+            train = list({it.example.utt_id: it.example for it in self.train_items}.values())
+            valid = list({it.example.utt_id: it.example for it in self.valid_items}.values())
+            vocab_texts = [e.text for e in train] if self.cfg.align_vocab == "transcripts" else None
             aligner = AdapterAligner(self.model.adapter, self.model.llm.get_input_embeddings().weight,
                                      self.model.tokenizer, self.cfg.align_lr, self.cfg.align_batch_size,
-                                     self.cfg.seed)
-            aligner.run(unique(self.train_items), unique(self.valid_items), self.cfg.align_steps, done.parent,
-                        writer, self.cfg.align_eval_every)
+                                     self.cfg.seed, vocab_texts)
+            aligner.run(train, valid, self.cfg.align_steps, done.parent, writer, self.cfg.align_eval_every)
             with atomic_write(done, "wb") as f:
                 torch.save(self.model.adapter.state_dict(), f)
         self.world.barrier()  # the other ranks wait for rank 0's phase, then every rank loads its result

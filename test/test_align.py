@@ -22,6 +22,36 @@ def test_greedy_ctc_merges_repeats_and_drops_blanks():
     assert greedy_ctc(logits, torch.tensor([3])) == [[1]]
 
 
+def test_ctc_classes_are_the_tokens_of_the_training_transcripts(tmp_path):
+    model, _, _ = make_tiny_speechllm(tmp_path, [" ".join(WORDS)] * 50)
+    tokens = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    embeddings = model.llm.get_input_embeddings().weight
+    texts = ["pay thirty dollars", "raise limit"]
+    vocab = sorted(set(tokens(texts[0]) + tokens(texts[1])))
+    aligner = AdapterAligner(model.adapter, embeddings, model.tokenizer, vocab_texts=texts)
+    assert aligner.vocab.tolist() == vocab and len(vocab) < len(embeddings)
+    # class 0 is the blank, class i the frozen embedding row of token vocab[i - 1]
+    assert torch.equal(aligner.head.embeddings, embeddings.detach().float()[vocab])
+    assert aligner.head(torch.zeros(1, 3, embeddings.shape[1])).shape == (1, 3, len(vocab) + 1)
+    assert aligner._targets(texts[1]).tolist() == [vocab.index(t) + 1 for t in tokens(texts[1])]
+    assert not set(tokens("maria garcia card")) <= set(vocab)
+    with pytest.raises(ValueError, match="outside the CTC vocabulary"):
+        aligner._targets("maria garcia card")
+    full = AdapterAligner(model.adapter, embeddings, model.tokenizer)
+    assert full.vocab.tolist() == list(range(len(embeddings)))
+
+
+def test_align_vocab_config_is_checked(tmp_path):
+    from speechllm.config import load_yaml_dataclass
+    from speechllm.io_utils import InputError
+    from speechllm.train import TrainConfig
+
+    path = tmp_path / "train.yaml"
+    path.write_text("align_steps: 10\nalign_vocab: all\n")
+    with pytest.raises(InputError, match=rf"{path}: align_vocab must be 'transcripts' or 'full', not 'all'"):
+        load_yaml_dataclass(path, TrainConfig)
+
+
 def _utterances(tokenizer, n: int, feat_dim: int, seed: int = 0):
     """Synthetic 'speech': each token is a fixed random pattern held for 8 frames (2 adapter outputs)."""
     rng = np.random.default_rng(seed)
@@ -53,7 +83,9 @@ def test_ctc_alignment_learns_to_transcribe(tmp_path):
     examples = read_examples(tmp_path / "ex.jsonl")
     embeddings = model.llm.get_input_embeddings().weight
     frozen = embeddings.detach().clone()
-    aligner = AdapterAligner(model.adapter, embeddings, model.tokenizer, lr=3e-3, batch_size=16)
+    aligner = AdapterAligner(model.adapter, embeddings, model.tokenizer, lr=3e-3, batch_size=16,
+                             vocab_texts=[e.text for e in examples])
+    assert len(aligner.vocab) < len(embeddings)
     wer_before, _ = aligner.wer(examples[:16])
     history = aligner.run(examples, examples[:16], steps=300, outdir=tmp_path / "align", eval_every=100)
     assert wer_before > 0.8
