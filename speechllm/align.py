@@ -3,8 +3,9 @@
 The adapter's outputs are scored against rows of the LLM's input-embedding matrix plus one
 learnable blank row (logits = scale * out @ [blank; E[vocab]]^T) and trained with CTC against the
 transcript's LLM token ids. ``vocab`` is by default the tokens that occur in the training
-transcripts (a few thousand of SmolLM2's 49,152): the softmax over the full table dominated a step's
-cost, and a token never spoken in training gets no CTC gradient anyway. No LLM forward pass is needed, so a step costs a small fraction of a slot-filling step. It
+transcripts (536 of SmolLM2's 49,152 on the call-centre default): the softmax over the whole table
+dominated a step's cost, and a token never spoken in training gets no CTC gradient anyway. No LLM
+forward pass is needed, so a step costs a small fraction of a slot-filling step. It
 pushes each audio position towards the embeddings of the tokens spoken there, which the LLM
 already knows how to read; slot-filling training then starts from the aligned adapter.
 Greedy CTC word error rate on held-out turns is logged as it trains.
@@ -67,13 +68,15 @@ class AdapterAligner:
     """Trains ``adapter`` (and the head) by CTC on (features, transcript) pairs."""
 
     def __init__(self, adapter: FrameStackAdapter, embeddings: torch.Tensor, tokenizer,
-                 lr: float = 1e-3, batch_size: int = 16, seed: int = 1, vocab_texts: list[str] | None = None) -> None:
+                 lr: float = 1e-3, batch_size: int = 16, seed: int = 1,
+                 vocab_texts: list[str] | None = None) -> None:
         """``vocab_texts``: the CTC classes are the tokens of these texts (None: the whole table)."""
         self.adapter, self.tokenizer, self.batch_size, self.seed = adapter, tokenizer, batch_size, seed
         if vocab_texts is None:
             self.vocab = torch.arange(len(embeddings))
         else:
-            self.vocab = torch.tensor(sorted({t for text in vocab_texts for t in self._ids(text)}), dtype=torch.long)
+            tokens = {t for text in vocab_texts for t in self._ids(text)}
+            self.vocab = torch.tensor(sorted(tokens), dtype=torch.long)
         self.class_of = torch.zeros(len(embeddings), dtype=torch.long)  # token id -> CTC class (0: not a class)
         self.class_of[self.vocab] = torch.arange(1, len(self.vocab) + 1)
         log.info("CTC over %d token classes + blank (of %d embedding rows)", len(self.vocab), len(embeddings))
