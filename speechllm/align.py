@@ -1,21 +1,18 @@
 """Adapter alignment phase (beyond the paper): CTC onto the LLM's frozen input-embedding space.
 
-The adapter's outputs are scored against rows of the LLM's input-embedding matrix plus one
-learnable blank row (logits = scale * out @ [blank; E[vocab]]^T) and trained with CTC against the
-transcript's LLM token ids. ``vocab`` is by default the tokens that occur in the training
-transcripts (536 of SmolLM2's 49,152 on the call-centre default): the softmax over the whole table
-dominated a step's cost, and a token never spoken in training gets no CTC gradient anyway. No LLM
-forward pass is needed, so a step costs a small fraction of a slot-filling step. It
-pushes each audio position towards the embeddings of the tokens spoken there, which the LLM
-already knows how to read; slot-filling training then starts from the aligned adapter.
-Greedy CTC word error rate on held-out turns is logged as it trains.
+The adapter and a ``CTCEmbeddingHead`` (the embedding rows of the head's vocabulary plus a blank)
+train with CTC against the transcript's LLM token ids. No LLM forward pass is needed, so a step
+costs a small fraction of a slot-filling step. It pushes each audio position towards the
+embeddings of the tokens spoken there, which the LLM already knows how to read; slot-filling
+training then starts from the aligned adapter (and, with ``audio_input: ctc_tokens``, reads the
+head's collapsed token-space output). Greedy CTC word error rate on held-out turns is logged as it
+trains.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -29,25 +26,9 @@ from tqdm import tqdm
 from speechllm.data import Example, load_feats
 from speechllm.metrics import normalize_value
 from speechllm.model.adapter import FrameStackAdapter
+from speechllm.model.ctc_head import CTCEmbeddingHead
 
 log = logging.getLogger(__name__)
-
-
-class CTCEmbeddingHead(nn.Module):
-    """CTC output layer tied to frozen embedding rows: class 0 is the learnable blank, class i the
-    token ``vocab[i - 1]``."""
-
-    def __init__(self, embeddings: torch.Tensor, vocab: torch.Tensor) -> None:
-        super().__init__()
-        table = embeddings.detach().float()[vocab.to(embeddings.device)]
-        self.register_buffer("embeddings", table, persistent=False)
-        self.blank = nn.Parameter(table.mean(0, keepdim=True).clone())
-        # start with unit-scale logits: 1 / mean embedding norm
-        self.log_scale = nn.Parameter(torch.tensor(-math.log(table.norm(dim=1).mean().item())))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        table = torch.cat([self.blank, self.embeddings])
-        return self.log_scale.exp() * hidden @ table.T
 
 
 def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -67,33 +48,27 @@ def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
 class AdapterAligner:
     """Trains ``adapter`` (and the head) by CTC on (features, transcript) pairs."""
 
-    def __init__(self, adapter: FrameStackAdapter, embeddings: torch.Tensor, tokenizer,
-                 lr: float = 1e-3, batch_size: int = 16, seed: int = 1,
-                 vocab_texts: list[str] | None = None) -> None:
-        """``vocab_texts``: the CTC classes are the tokens of these texts (None: the whole table)."""
-        self.adapter, self.tokenizer, self.batch_size, self.seed = adapter, tokenizer, batch_size, seed
-        if vocab_texts is None:
-            self.vocab = torch.arange(len(embeddings))
-        else:
-            tokens = {t for text in vocab_texts for t in self._ids(text)}
-            self.vocab = torch.tensor(sorted(tokens), dtype=torch.long)
-        self.class_of = torch.zeros(len(embeddings), dtype=torch.long)  # token id -> CTC class (0: not a class)
-        self.class_of[self.vocab] = torch.arange(1, len(self.vocab) + 1)
-        log.info("CTC over %d token classes + blank (of %d embedding rows)", len(self.vocab), len(embeddings))
-        self.head = CTCEmbeddingHead(embeddings, self.vocab).to(next(adapter.parameters()).device)
-        self.optimizer = torch.optim.AdamW(list(adapter.parameters()) + list(self.head.parameters()), lr=lr)
+    def __init__(self, adapter: FrameStackAdapter, head: CTCEmbeddingHead, tokenizer, lr: float = 1e-3,
+                 batch_size: int = 16, seed: int = 1) -> None:
+        self.adapter, self.head, self.tokenizer = adapter, head, tokenizer
+        self.batch_size, self.seed = batch_size, seed
+        log.info("CTC over %d token classes + blank", len(head.vocab))
+        self.optimizer = torch.optim.AdamW(list(adapter.parameters()) + list(head.parameters()), lr=lr)
         self._token_cache: dict[str, torch.Tensor] = {}
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    @property
+    def vocab(self) -> torch.Tensor:
+        return self.head.vocab
 
     def _targets(self, text: str) -> torch.Tensor:
-        """The transcript's CTC classes, computed once per text."""
+        """The transcript's CTC classes (1 + position in the sorted vocab), computed once per text."""
         if text not in self._token_cache:
-            classes = self.class_of[torch.tensor(self._ids(text), dtype=torch.long)]
-            if not classes.all():
+            ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            vocab = self.vocab.cpu()
+            pos = torch.searchsorted(vocab, ids).clamp(max=len(vocab) - 1)
+            if not torch.equal(vocab[pos], ids):
                 raise ValueError(f"transcript {text!r} has tokens outside the CTC vocabulary")
-            self._token_cache[text] = classes
+            self._token_cache[text] = pos + 1
         return self._token_cache[text]
 
     def _logits(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,7 @@ from speechllm.distributed import World
 from speechllm.io_utils import atomic_write
 from speechllm.metrics import score_corpus
 from speechllm.model.builder import ModelSpec, build_speechllm, save_model
+from speechllm.model.ctc_head import CTCEmbeddingHead, token_vocab
 from speechllm.model.llm import LLMConfig, build_tiny
 from speechllm.model.speechllm import Encoded, SpeechLLM
 
@@ -70,6 +71,7 @@ class TrainConfig:
     align_lr: float = 1.0e-3
     align_eval_every: int = 50
     align_vocab: str = "transcripts"  # CTC classes: "transcripts" (tokens of the training transcripts) or "full"
+    audio_input: str = "adapter"  # what the LLM reads: "adapter" frames or "ctc_tokens" (needs align_steps > 0)
     # budgets and learning curves
     max_minutes: float | None = None  # stop after this much training time (alignment included)
     eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
@@ -79,6 +81,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.align_vocab not in ("transcripts", "full"):
             raise ValueError(f"align_vocab must be 'transcripts' or 'full', not {self.align_vocab!r}")
+        if self.audio_input not in ("adapter", "ctc_tokens"):
+            raise ValueError(f"audio_input must be 'adapter' or 'ctc_tokens', not {self.audio_input!r}")
+        if self.audio_input == "ctc_tokens" and self.align_steps <= 0:
+            raise ValueError("audio_input: ctc_tokens reads the CTC head's output, which needs align_steps > 0")
 
 
 def set_seed(seed: int) -> None:
@@ -124,7 +130,9 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         groups = [{"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": cfg.lr}]
         if model.adapter is not None:
-            groups.insert(0, {"params": list(model.adapter.parameters()), "lr": cfg.adapter_lr or cfg.lr})
+            audio = list(model.adapter.parameters())
+            audio += [] if model.ctc_head is None else list(model.ctc_head.parameters())
+            groups.insert(0, {"params": audio, "lr": cfg.adapter_lr or cfg.lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps),
                                                          self.total_steps)
@@ -254,18 +262,22 @@ class Trainer:
     def align(self, writer) -> None:
         """Run the CTC alignment phase once (on rank 0); a finished phase is reloaded, not repeated."""
         done = self.outdir / "align" / "adapter.pt"
+        head_file = done.with_name("ctc_head.pt")
         if self.world.is_main and not done.exists():
             train = list({it.example.utt_id: it.example for it in self.train_items}.values())
             valid = list({it.example.utt_id: it.example for it in self.valid_items}.values())
-            vocab_texts = [e.text for e in train] if self.cfg.align_vocab == "transcripts" else None
-            aligner = AdapterAligner(self.model.adapter, self.model.llm.get_input_embeddings().weight,
-                                     self.model.tokenizer, self.cfg.align_lr, self.cfg.align_batch_size,
-                                     self.cfg.seed, vocab_texts)
+            head = self.model.ctc_head or new_ctc_head(self.model, self.cfg, train)
+            aligner = AdapterAligner(self.model.adapter, head, self.model.tokenizer, self.cfg.align_lr,
+                                     self.cfg.align_batch_size, self.cfg.seed)
             aligner.run(train, valid, self.cfg.align_steps, done.parent, writer, self.cfg.align_eval_every)
+            with atomic_write(head_file, "wb") as f:
+                torch.save(head.state_dict(), f)
             with atomic_write(done, "wb") as f:
                 torch.save(self.model.adapter.state_dict(), f)
         self.world.barrier()  # the other ranks wait for rank 0's phase, then every rank loads its result
         self.model.adapter.load_state_dict(torch.load(done, map_location=self.world.device))
+        if self.model.ctc_head is not None:
+            self.model.ctc_head.load_state_dict(torch.load(head_file, map_location=self.world.device))
         log.info("alignment phase done: adapter loaded from %s", done)
 
     def log_record(self, record: dict, writer) -> None:
@@ -377,6 +389,16 @@ def plot_losses(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def new_ctc_head(model: SpeechLLM, cfg: TrainConfig, train: list[Example]) -> CTCEmbeddingHead:
+    """A CTC head over the tokens of the training transcripts (or, ``align_vocab: full``, all rows)."""
+    embeddings = model.llm.get_input_embeddings().weight
+    if cfg.align_vocab == "full":
+        vocab = torch.arange(len(embeddings))
+    else:
+        vocab = token_vocab(model.tokenizer, [e.text for e in train])
+    return CTCEmbeddingHead(embeddings, vocab).to(model.device)
+
+
 def feature_dim(example: Example) -> int:
     """The Whisper feature width, or 0 for text-only (cascade) examples."""
     feats = load_feats(example)
@@ -397,9 +419,13 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train: list[Example], 
             texts = [t for e in train for t in (e.prompt, e.target, e.text)]
             build_tiny(llm_cfg, texts, base_path)
         world.barrier()
-    spec = ModelSpec(llm=llm_cfg_dict, feat_dim=feature_dim(train[0]), adapter_hidden=cfg.adapter_hidden,
-                     stack=cfg.stack, whisper=whisper, mode=mode)
+    feat_dim = feature_dim(train[0])
+    audio_input = cfg.audio_input if feat_dim else "adapter"  # a text-only model reads text
+    spec = ModelSpec(llm=llm_cfg_dict, feat_dim=feat_dim, adapter_hidden=cfg.adapter_hidden,
+                     stack=cfg.stack, whisper=whisper, mode=mode, audio_input=audio_input)
     model = build_speechllm(spec, base_path, world.device)
+    if audio_input == "ctc_tokens":
+        model.ctc_head = new_ctc_head(model, cfg, train)
     trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world)
     trainer.train()
     return model

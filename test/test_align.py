@@ -9,7 +9,8 @@ import torch
 
 from conftest import make_tiny_speechllm
 from speechllm.align import AdapterAligner, greedy_ctc
-from speechllm.data import read_examples
+from speechllm.data import load_feats, read_examples
+from speechllm.model.ctc_head import CTCEmbeddingHead, token_vocab
 
 WORDS = "pay thirty dollars monthly raise limit five thousand name maria garcia card".split()
 
@@ -28,7 +29,8 @@ def test_ctc_classes_are_the_tokens_of_the_training_transcripts(tmp_path):
     embeddings = model.llm.get_input_embeddings().weight
     texts = ["pay thirty dollars", "raise limit"]
     vocab = sorted(set(tokens(texts[0]) + tokens(texts[1])))
-    aligner = AdapterAligner(model.adapter, embeddings, model.tokenizer, vocab_texts=texts)
+    head = CTCEmbeddingHead(embeddings, token_vocab(model.tokenizer, texts))
+    aligner = AdapterAligner(model.adapter, head, model.tokenizer)
     assert aligner.vocab.tolist() == vocab and len(vocab) < len(embeddings)
     # class 0 is the blank, class i the frozen embedding row of token vocab[i - 1]
     assert torch.equal(aligner.head.embeddings, embeddings.detach().float()[vocab])
@@ -37,8 +39,25 @@ def test_ctc_classes_are_the_tokens_of_the_training_transcripts(tmp_path):
     assert not set(tokens("maria garcia card")) <= set(vocab)
     with pytest.raises(ValueError, match="outside the CTC vocabulary"):
         aligner._targets("maria garcia card")
-    full = AdapterAligner(model.adapter, embeddings, model.tokenizer)
-    assert full.vocab.tolist() == list(range(len(embeddings)))
+    full = AdapterAligner(model.adapter, CTCEmbeddingHead(embeddings, torch.arange(len(embeddings))), model.tokenizer)
+    assert full._targets("maria garcia card").tolist() == [t + 1 for t in tokens("maria garcia card")]
+
+
+def test_collapse_keeps_one_token_space_vector_per_emitted_token():
+    table = torch.eye(4) * 3.0  # four "embedding rows"
+    head = CTCEmbeddingHead(table, torch.tensor([1, 3]))  # classes: blank, token 1, token 3
+    with torch.no_grad():
+        head.blank.copy_(torch.tensor([[0.0, 0.0, 3.0, 0.0]]))
+        head.log_scale.zero_()  # logits 9 for the frame's own row, 0 for the others
+    blank, t1, t3 = torch.tensor([0.0, 0, 3, 0]), table[1], table[3]
+    frames = torch.stack([blank, t1, t1, blank, t1, t3, t3, blank]).requires_grad_()
+    out = head.collapse(frames)
+    # runs: t1 t1 | t1 | t3 t3 -> three vectors, each close to its token's embedding row
+    assert out.shape == (3, 4)
+    assert torch.allclose(out, torch.stack([t1, t1, t3]), atol=1e-3)
+    out.sum().backward()
+    assert frames.grad.abs().sum() > 0  # the adapter keeps learning through the mix
+    assert head.collapse(torch.stack([blank, blank])).shape == (0, 4)
 
 
 def test_align_vocab_config_is_checked(tmp_path):
@@ -83,8 +102,8 @@ def test_ctc_alignment_learns_to_transcribe(tmp_path):
     examples = read_examples(tmp_path / "ex.jsonl")
     embeddings = model.llm.get_input_embeddings().weight
     frozen = embeddings.detach().clone()
-    aligner = AdapterAligner(model.adapter, embeddings, model.tokenizer, lr=3e-3, batch_size=16,
-                             vocab_texts=[e.text for e in examples])
+    head = CTCEmbeddingHead(embeddings, token_vocab(model.tokenizer, [e.text for e in examples]))
+    aligner = AdapterAligner(model.adapter, head, model.tokenizer, lr=3e-3, batch_size=16)
     assert len(aligner.vocab) < len(embeddings)
     wer_before, _ = aligner.wer(examples[:16])
     history = aligner.run(examples, examples[:16], steps=300, outdir=tmp_path / "align", eval_every=100)
@@ -93,6 +112,16 @@ def test_ctc_alignment_learns_to_transcribe(tmp_path):
     assert history[-1]["ctc_loss"] < history[0]["ctc_loss"]
     assert torch.equal(model.llm.get_input_embeddings().weight, frozen)  # the LLM stays frozen
     assert (tmp_path / "align" / "align_log.jsonl").exists()
+    # the collapsed output of an aligned turn is its transcript, read off the nearest embedding rows
+    exact = 0
+    for e in examples[:16]:
+        feats = load_feats(e).unsqueeze(0)
+        with torch.no_grad():
+            hidden, lengths = model.adapter(feats, torch.tensor([feats.shape[1]]))
+            vectors = head.collapse(hidden[0, : lengths[0]])
+        nearest = torch.cdist(vectors, head.embeddings).argmin(-1)
+        exact += head.vocab[nearest].tolist() == model.tokenizer(e.text, add_special_tokens=False)["input_ids"]
+    assert exact >= 12, exact
 
 
 def test_trainer_runs_the_alignment_phase_once(tmp_path):
@@ -112,3 +141,38 @@ def test_trainer_runs_the_alignment_phase_once(tmp_path):
     assert set(aligned) == set(model.adapter.state_dict())
     (point,) = [json.loads(line) for line in (tmp_path / "exp" / "curve.jsonl").read_text().splitlines()]
     assert point["step"] == 2 and 0.0 <= point["dev_partial_f1"] <= 1.0 and point["train_s"] > 0
+
+
+def test_ctc_tokens_model_trains_saves_and_reloads(tmp_path):
+    from conftest import tiny_llm_dict, write_examples
+    from speechllm.model.builder import load_model
+    from speechllm.model.speechllm import Encoded
+    from speechllm.train import TrainConfig, build_and_train
+
+    rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
+             "text": "pay thirty dollars"} for i in range(4)]
+    examples = read_examples(write_examples(tmp_path, rows))
+    cfg = TrainConfig(batch_size=2, grad_accum=1, max_steps=2, align_steps=4, align_batch_size=2,
+                      align_eval_every=4, save_every=100, audio_input="ctc_tokens")
+    model = build_and_train(tiny_llm_dict(), cfg, examples, examples, tmp_path / "exp", mode="regular")
+    spoken = model.tokenizer("pay thirty dollars", add_special_tokens=False)["input_ids"]
+    assert model.ctc_head.vocab.tolist() == sorted(set(spoken))
+    aligned_head = torch.load(tmp_path / "exp" / "align" / "ctc_head.pt")
+    assert not torch.equal(aligned_head["blank"], model.ctc_head.blank.detach())  # slot filling trained it on
+    loaded = load_model(tmp_path / "exp" / "model")
+    assert loaded.ctc_head is not None and torch.equal(loaded.ctc_head.blank, model.ctc_head.blank)
+    items = [Encoded(load_feats(e), *model.formatter.encode(e.prompt, audio=True)) for e in examples[:2]]
+    model.eval()
+    assert [len(a) for a in loaded.audio_embeddings(items)] == [len(a) for a in model.audio_embeddings(items)]
+    assert loaded.generate(items, max_new_tokens=5) == model.generate(items, max_new_tokens=5)
+
+
+def test_ctc_tokens_needs_the_alignment_phase(tmp_path):
+    from speechllm.config import load_yaml_dataclass
+    from speechllm.io_utils import InputError
+    from speechllm.train import TrainConfig
+
+    path = tmp_path / "train.yaml"
+    path.write_text("audio_input: ctc_tokens\n")
+    with pytest.raises(InputError, match=rf"{path}: audio_input: ctc_tokens .* needs align_steps > 0"):
+        load_yaml_dataclass(path, TrainConfig)

@@ -1,7 +1,8 @@
 """Building a fresh SpeechLLM, and saving / loading a trained one as a self-describing directory.
 
 A model directory holds ``speechllm.yaml`` (LLM config, base weights location, adapter shape),
-``adapter.pt`` (the projector) and ``lora/`` (the PEFT adapter, loadable by ``PeftModel``). A text-only
+``adapter.pt`` (the projector), ``lora/`` (the PEFT adapter, loadable by ``PeftModel``) and, for
+``audio_input: ctc_tokens``, ``ctc_head.pt`` (the head's vocabulary, blank and scale). A text-only
 model (the cascade, ``feat_dim: 0``) has no adapter.
 """
 
@@ -19,6 +20,7 @@ from peft import PeftModel
 
 from speechllm.config import from_dict
 from speechllm.model.adapter import FrameStackAdapter
+from speechllm.model.ctc_head import CTCEmbeddingHead
 from speechllm.model.llm import LLMConfig, PromptFormatter, add_lora, load_llm
 from speechllm.model.speechllm import SpeechLLM
 
@@ -34,6 +36,7 @@ class ModelSpec:
     base_llm: str | None = None  # saved base weights (tiny models), relative to the model dir
     whisper: str | None = None  # the encoder the features came from (name, checkpoint or YAML)
     mode: str | None = None  # regular | reasoning | hybrid | cascade: how the model was trained
+    audio_input: str = "adapter"  # what the LLM reads: "adapter" frames or "ctc_tokens" (model/ctc_head.py)
 
     @property
     def llm_config(self) -> LLMConfig:
@@ -64,6 +67,8 @@ def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path:
     tmp.mkdir(parents=True, exist_ok=True)
     if model.adapter is not None:
         torch.save(model.adapter.state_dict(), tmp / "adapter.pt")
+    if model.ctc_head is not None:
+        torch.save(model.ctc_head.state_dict(), tmp / "ctc_head.pt")
     model.llm.save_pretrained(tmp / "lora")
     data = dataclasses.asdict(spec)
     if base_path is not None:
@@ -91,5 +96,10 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> SpeechLLM:
     adapter = new_adapter(spec, llm)
     if adapter is not None:
         adapter.load_state_dict(torch.load(model_dir / "adapter.pt", map_location="cpu"))
-    model = SpeechLLM(llm, tokenizer, adapter, PromptFormatter(tokenizer, cfg)).to(device)
+    head = None
+    if spec.audio_input == "ctc_tokens":
+        state = torch.load(model_dir / "ctc_head.pt", map_location="cpu")
+        head = CTCEmbeddingHead(llm.get_input_embeddings().weight, state["vocab"])
+        head.load_state_dict(state)
+    model = SpeechLLM(llm, tokenizer, adapter, PromptFormatter(tokenizer, cfg), head).to(device)
     return model.eval()

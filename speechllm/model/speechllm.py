@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from speechllm.model.adapter import FrameStackAdapter
+from speechllm.model.ctc_head import CTCEmbeddingHead
 from speechllm.model.llm import PromptFormatter
 
 IGNORE_INDEX = -100
@@ -35,12 +36,16 @@ class Encoded:
 
 
 class SpeechLLM(nn.Module):
-    """The LLM with the adapter's audio spliced in; without an adapter, a text-only LLM (the cascade)."""
+    """The LLM with the adapter's audio spliced in; without an adapter, a text-only LLM (the cascade).
+
+    With a ``ctc_head`` (``audio_input: ctc_tokens``) the LLM reads the head's collapsed
+    token-space vectors instead of the raw adapter frames.
+    """
 
     def __init__(self, llm: nn.Module, tokenizer, adapter: FrameStackAdapter | None,
-                 formatter: PromptFormatter) -> None:
+                 formatter: PromptFormatter, ctc_head: CTCEmbeddingHead | None = None) -> None:
         super().__init__()
-        self.llm, self.adapter = llm, adapter
+        self.llm, self.adapter, self.ctc_head = llm, adapter, ctc_head
         self.tokenizer, self.formatter = tokenizer, formatter
 
     @property
@@ -65,7 +70,10 @@ class SpeechLLM(nn.Module):
         feats = nn.utils.rnn.pad_sequence([it.feats for it in with_audio], batch_first=True).to(self.device)
         out, out_lengths = self.adapter(feats, lengths)
         dtype = self.llm.get_input_embeddings().weight.dtype
-        audio = iter(out[i, : out_lengths[i]].to(dtype) for i in range(len(with_audio)))
+        spans = [out[i, : out_lengths[i]] for i in range(len(with_audio))]
+        if self.ctc_head is not None:
+            spans = [self.ctc_head.collapse(span) for span in spans]
+        audio = iter(span.to(dtype) for span in spans)
         return [next(audio) if it.feats is not None else None for it in items]
 
     def build_batch(self, items: list[Encoded], padding_side: str) -> dict[str, torch.Tensor]:

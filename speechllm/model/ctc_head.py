@@ -1,0 +1,66 @@
+"""A CTC output layer tied to the LLM's frozen input embeddings, and the token-space audio input.
+
+The adapter's outputs are scored against rows of the embedding matrix plus one learnable blank
+(logits = scale * out @ [blank; E[vocab]]^T). ``vocab`` is the set of token ids the head can emit:
+by default the tokens of the training transcripts, since the softmax over a whole 49k-row table
+dominates a step's cost and a token never spoken in training gets no CTC gradient anyway.
+
+``collapse`` turns the posteriors into what the LLM reads with ``audio_input: ctc_tokens``: one
+posterior-weighted mix of token embeddings per emitted token (blank frames dropped, repeats
+merged). Each vector lies in the convex hull of real embedding rows, so a pretrained LLM reads the
+audio much as it reads text, and the sequence is a few tokens long instead of 12.5 per second.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def token_vocab(tokenizer, texts: list[str]) -> torch.Tensor:
+    """The sorted ids of every token that occurs in ``texts``."""
+    ids = {t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]}
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+class CTCEmbeddingHead(nn.Module):
+    """Class 0 is the learnable blank, class i the frozen embedding row of token ``vocab[i - 1]``.
+
+    ``vocab`` is a saved buffer; the embedding rows are not saved (they are the LLM's)."""
+
+    def __init__(self, embeddings: torch.Tensor, vocab: torch.Tensor) -> None:
+        super().__init__()
+        vocab = vocab.to(embeddings.device)
+        table = embeddings.detach().float()[vocab]
+        self.register_buffer("vocab", vocab)
+        self.register_buffer("embeddings", table, persistent=False)
+        self.blank = nn.Parameter(table.mean(0, keepdim=True).clone())
+        # start with unit-scale logits: 1 / mean embedding norm
+        self.log_scale = nn.Parameter(torch.tensor(-math.log(table.norm(dim=1).mean().item())))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([self.blank, self.embeddings])
+        return self.log_scale.exp() * hidden.float() @ table.T
+
+    def collapse(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [T, d]`` (one item's adapter outputs) -> ``[N, d]`` token-space vectors.
+
+        Frames whose best class is the blank are dropped; each run of frames with the same best
+        token becomes the mean over the run of the frames' posterior-weighted token embeddings
+        (the posterior renormalised over the tokens, so the mix stays among real rows).
+        """
+        logits = self(hidden)
+        best = logits.argmax(-1)
+        mixes = logits[:, 1:].softmax(-1) @ self.embeddings
+        starts = torch.ones_like(best, dtype=torch.bool)
+        starts[1:] = best[1:] != best[:-1]
+        run = starts.cumsum(0) - 1  # run index of every frame
+        keep = best != 0
+        if not keep.any():
+            return mixes[:0]
+        sums = mixes.new_zeros(int(run[-1]) + 1, mixes.shape[1]).index_add(0, run[keep], mixes[keep])
+        counts = torch.zeros(len(sums), device=hidden.device).index_add(0, run[keep], keep[keep].float())
+        emitted = counts > 0
+        return sums[emitted] / counts[emitted, None]
