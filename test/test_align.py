@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_speechllm
-from speechllm.align import AdapterAligner, greedy_ctc
+from speechllm.align import AdapterAligner, greedy_ctc, values_heard
 from speechllm.data import load_feats, read_examples
 from speechllm.model.ctc_head import CTCEmbeddingHead, token_vocab
 
@@ -21,6 +21,20 @@ def test_greedy_ctc_merges_repeats_and_drops_blanks():
     logits = torch.nn.functional.one_hot(torch.tensor([frames]), 5).float()
     assert greedy_ctc(logits, torch.tensor([7])) == [[1, 1, 2]]
     assert greedy_ctc(logits, torch.tensor([3])) == [[1]]
+
+
+def test_values_heard_counts_filled_values_found_as_whole_words():
+    from speechllm.data import Example
+
+    def turn(slots):
+        return Example("u", "u", None, "<audio>", "{}", slots, "regular", "")
+
+    examples = [turn({"customer_name": "Lucas Campbell", "card_type": "None"}),
+                turn({"transfer_amount": "$200", "payment_date": "the 21st of May"}),
+                turn({})]
+    hyps = ["thanks again lucas campbell.", "I need to transfer $2000, on the 21st of May", "hello"]
+    # "$200" is not heard in "$2000"; "None" values do not count
+    assert values_heard(examples, hyps) == (2, 3)
 
 
 def test_ctc_classes_are_the_tokens_of_the_training_transcripts(tmp_path):
@@ -137,6 +151,9 @@ def test_trainer_runs_the_alignment_phase_once(tmp_path):
     Trainer(model, spec, cfg, examples, examples, tmp_path / "exp", base).train()
     log_lines = (tmp_path / "exp" / "align" / "align_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log_lines] == [3, 6]
+    assert json.loads(log_lines[-1])["valid_values"] == 0  # these turns have no slot values
+    hyp_lines = (tmp_path / "exp" / "align" / "valid_hyp_step6.tsv").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in hyp_lines] == [[f"u{i}", "pay thirty dollars"] for i in range(4)]
     aligned = torch.load(tmp_path / "exp" / "align" / "adapter.pt")
     assert set(aligned) == set(model.adapter.state_dict())
     (point,) = [json.loads(line) for line in (tmp_path / "exp" / "curve.jsonl").read_text().splitlines()]
