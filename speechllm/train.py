@@ -266,7 +266,9 @@ class Trainer:
         if self.world.is_main and not done.exists():
             train = list({it.example.utt_id: it.example for it in self.train_items}.values())
             valid = list({it.example.utt_id: it.example for it in self.valid_items}.values())
-            head = self.model.ctc_head or new_ctc_head(self.model, self.cfg, train)
+            head = self.model.ctc_head
+            if head is None:  # the head serves the alignment phase only
+                head = new_ctc_head(self.model, self.cfg, train)
             aligner = AdapterAligner(self.model.adapter, head, self.model.tokenizer, self.cfg.align_lr,
                                      self.cfg.align_batch_size, self.cfg.seed)
             aligner.run(train, valid, self.cfg.align_steps, done.parent, writer, self.cfg.align_eval_every)

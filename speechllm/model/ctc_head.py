@@ -61,6 +61,6 @@ class CTCEmbeddingHead(nn.Module):
         if not keep.any():
             return mixes[:0]
         sums = mixes.new_zeros(int(run[-1]) + 1, mixes.shape[1]).index_add(0, run[keep], mixes[keep])
-        counts = torch.zeros(len(sums), device=hidden.device).index_add(0, run[keep], keep[keep].float())
+        counts = mixes.new_zeros(len(sums)).index_add(0, run[keep], mixes.new_ones(int(keep.sum())))
         emitted = counts > 0
         return sums[emitted] / counts[emitted, None]
