@@ -8,7 +8,8 @@ dominates a step's cost and a token never spoken in training gets no CTC gradien
 ``collapse`` turns the posteriors into what the LLM reads with ``audio_input: ctc_tokens``: one
 posterior-weighted mix of token embeddings per emitted token (blank frames dropped, repeats
 merged). Each vector lies in the convex hull of real embedding rows, so a pretrained LLM reads the
-audio much as it reads text, and the sequence is a few tokens long instead of 12.5 per second.
+audio much as it reads text, and the sequence has one vector per emitted token instead of 12.5
+per second.
 """
 
 from __future__ import annotations
