@@ -5,7 +5,8 @@ train with CTC against the transcript's LLM token ids. No LLM forward pass is ne
 costs a small fraction of a slot-filling step. It pushes each audio position towards the
 embeddings of the tokens spoken there, which the LLM already knows how to read; slot-filling
 training then starts from the aligned adapter (and, with ``audio_input: ctc_tokens``, reads the
-head's collapsed token-space output). Greedy CTC word error rate on held-out turns, and how many of
+head's collapsed token-space output, and with ``ctc_weight`` keeps adding the same CTC loss,
+``CTCObjective``, to the LLM's). Greedy CTC word error rate on held-out turns, and how many of
 their slot values the greedy transcript contains, are logged as it trains (each evaluation's
 transcripts in ``valid_hyp_step<N>.tsv``).
 """
@@ -61,20 +62,22 @@ def values_heard(examples: list[Example], hypotheses: list[str]) -> tuple[int, i
     return heard, total
 
 
-class AdapterAligner:
-    """Trains ``adapter`` (and the head) by CTC on (features, transcript) pairs."""
+class CTCObjective:
+    """CTC of the adapter's outputs, scored by ``head``, against the transcripts' token classes.
 
-    def __init__(self, adapter: FrameStackAdapter, head: CTCEmbeddingHead, tokenizer, lr: float = 1e-3,
-                 batch_size: int = 16, seed: int = 1) -> None:
+    The loss alone, without an optimizer: the alignment phase minimises it by itself, and with
+    ``ctc_weight`` slot-filling training keeps adding it to the LLM's loss."""
+
+    def __init__(self, adapter: FrameStackAdapter, head: CTCEmbeddingHead, tokenizer) -> None:
         self.adapter, self.head, self.tokenizer = adapter, head, tokenizer
-        self.batch_size, self.seed = batch_size, seed
-        log.info("CTC over %d token classes + blank", len(head.vocab))
-        self.optimizer = torch.optim.AdamW(list(adapter.parameters()) + list(head.parameters()), lr=lr)
         self._token_cache: dict[str, torch.Tensor] = {}
 
     @property
     def vocab(self) -> torch.Tensor:
         return self.head.vocab
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.adapter.parameters()) + list(self.head.parameters())
 
     def _targets(self, text: str) -> torch.Tensor:
         """The transcript's CTC classes (1 + position in the sorted vocab), computed once per text."""
@@ -87,37 +90,53 @@ class AdapterAligner:
             self._token_cache[text] = pos + 1
         return self._token_cache[text]
 
-    def _logits(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.adapter.parameters()).device
-        feats = [load_feats(e) for e in examples]
         lengths = torch.tensor([len(f) for f in feats], device=device)
         padded = nn.utils.rnn.pad_sequence(feats, batch_first=True).to(device)
         hidden, out_lengths = self.adapter(padded, lengths)
         return self.head(hidden.float()), out_lengths
 
-    def step(self, examples: list[Example]) -> float:
-        logits, out_lengths = self._logits(examples)
-        targets = [self._targets(e.text) for e in examples]
-        loss = F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), torch.cat(targets).to(logits.device),
-                          out_lengths, torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.adapter.parameters()) + list(self.head.parameters()), 1.0)
-        self.optimizer.step()
-        return loss.item()
+    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> torch.Tensor:
+        """Mean over the batch of each item's CTC loss per target token."""
+        logits, out_lengths = self.logits(feats)
+        targets = [self._targets(t) for t in texts]
+        target_lengths = torch.tensor([len(t) for t in targets])
+        losses = F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), torch.cat(targets).to(logits.device),
+                            out_lengths, target_lengths, blank=0, reduction="none", zero_infinity=True)
+        return (losses / target_lengths.clamp(min=1).to(losses.device)).mean()  # an empty transcript: all blank
 
     @torch.no_grad()
-    def wer(self, examples: list[Example]) -> tuple[float, list[tuple[str, str]]]:
+    def wer(self, examples: list[Example], batch_size: int = 16) -> tuple[float, list[tuple[str, str]]]:
         """Greedy CTC WER (normalised text) and the (reference, hypothesis) pairs."""
         pairs = []
-        for i in range(0, len(examples), self.batch_size):
-            chunk = examples[i : i + self.batch_size]
-            logits, lengths = self._logits(chunk)
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            logits, lengths = self.logits([load_feats(e) for e in chunk])
             for e, classes in zip(chunk, greedy_ctc(logits, lengths)):
                 pairs.append((e.text, self.tokenizer.decode(self.vocab[classes].tolist()).strip()))
         refs = [normalize_value(r) or "<empty>" for r, _ in pairs]
         hyps = [normalize_value(h) for _, h in pairs]
         return float(jiwer.wer(refs, hyps)), pairs
+
+
+class AdapterAligner(CTCObjective):
+    """Trains ``adapter`` (and the head) by CTC alone on (features, transcript) pairs."""
+
+    def __init__(self, adapter: FrameStackAdapter, head: CTCEmbeddingHead, tokenizer, lr: float = 1e-3,
+                 batch_size: int = 16, seed: int = 1) -> None:
+        super().__init__(adapter, head, tokenizer)
+        self.batch_size, self.seed = batch_size, seed
+        log.info("CTC over %d token classes + blank", len(head.vocab))
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr)
+
+    def step(self, examples: list[Example]) -> float:
+        loss = self.loss([load_feats(e) for e in examples], [e.text for e in examples])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+        self.optimizer.step()
+        return loss.item()
 
     def run(self, train: list[Example], valid: list[Example], steps: int, outdir: Path, writer=None,
             eval_every: int = 50) -> list[dict]:
@@ -133,7 +152,7 @@ class AdapterAligner:
             losses.append(self.step(batch))
             if step % eval_every == 0 or step == steps:
                 self.adapter.eval()
-                wer, pairs = self.wer(valid) if valid else (float("nan"), [])
+                wer, pairs = self.wer(valid, self.batch_size) if valid else (float("nan"), [])
                 self.adapter.train()
                 heard, n_values = values_heard(valid, [hyp for _, hyp in pairs])
                 record = {"step": step, "ctc_loss": sum(losses) / len(losses), "valid_wer": wer,

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from speechllm.align import AdapterAligner
+from speechllm.align import AdapterAligner, CTCObjective
 from speechllm.config import from_dict
 from speechllm.data import Example, bucketed_batches, load_feats
 from speechllm.decode import decode_examples
@@ -72,6 +72,7 @@ class TrainConfig:
     align_eval_every: int = 50
     align_vocab: str = "transcripts"  # CTC classes: "transcripts" (tokens of the training transcripts) or "full"
     audio_input: str = "adapter"  # what the LLM reads: "adapter" frames or "ctc_tokens" (needs align_steps > 0)
+    ctc_weight: float = 0.0  # slot filling adds this times the CTC loss of the batch's transcripts (ctc_tokens)
     # budgets and learning curves
     max_minutes: float | None = None  # stop after this much training time (alignment included)
     eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
@@ -85,6 +86,11 @@ class TrainConfig:
             raise ValueError(f"audio_input must be 'adapter' or 'ctc_tokens', not {self.audio_input!r}")
         if self.audio_input == "ctc_tokens" and self.align_steps <= 0:
             raise ValueError("audio_input: ctc_tokens reads the CTC head's output, which needs align_steps > 0")
+        if self.ctc_weight < 0:
+            raise ValueError(f"ctc_weight must be >= 0, not {self.ctc_weight}")
+        if self.ctc_weight > 0 and self.audio_input != "ctc_tokens":
+            raise ValueError("ctc_weight trains on the CTC head that the LLM reads through: it needs "
+                             "audio_input: ctc_tokens")
 
 
 def set_seed(seed: int) -> None:
@@ -137,6 +143,10 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps),
                                                          self.total_steps)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        # the auxiliary CTC loss keeps the head that the LLM reads through aligned (text-only models have none)
+        self.ctc = None
+        if cfg.ctc_weight > 0 and model.ctc_head is not None:
+            self.ctc = CTCObjective(model.adapter, model.ctc_head, model.tokenizer)
         self.forward = model
         if world.distributed:
             # frozen weights and buffers are loaded identically everywhere: only the trainable ones sync
@@ -169,24 +179,31 @@ class Trainer:
         start = r * size + min(r, rest)
         return batch[start : start + size + (1 if r < rest else 0)]
 
-    def train_step(self, group: list[list[int]]) -> float:
-        """One optimizer step over a group of global batches; returns this rank's share of the step's loss."""
+    def train_step(self, group: list[list[int]]) -> tuple[float, float]:
+        """One optimizer step over a group of global batches.
+
+        Returns this rank's share of the step's LLM loss, and its mean auxiliary CTC loss (0 without one)."""
         n_tokens = sum(len(self.train_items[i].target) for batch in group for i in batch)
-        share = 0.0
+        share = ctc_mean = 0.0
         for k, batch in enumerate(group):
             last = k == len(group) - 1
             sync = nullcontext() if last or not self.world.distributed else self.forward.no_sync()
+            items = [self.train_items[i] for i in self.shard(batch)]
             with sync:
-                loss = self.forward(self._batch([self.train_items[i] for i in self.shard(batch)]),
-                                    num_items_in_batch=n_tokens)
+                encoded = self._batch(items)
+                loss = self.forward(encoded, num_items_in_batch=n_tokens)
+                share += loss.item()
+                if self.ctc is not None:
+                    ctc = self.ctc.loss([e.feats for e in encoded], [it.example.text for it in items])
+                    ctc_mean += ctc.item() / len(group)
+                    loss = loss + self.cfg.ctc_weight * ctc / len(group)
                 # DDP averages gradients over ranks, each of which holds a share of one global sum
                 (loss * self.world.size).backward()
-            share += loss.item()
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return share
+        return share, ctc_mean
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -286,7 +303,8 @@ class Trainer:
         """One line of train_log.jsonl, and its scalars in TensorBoard."""
         with open(self.outdir / "train_log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("valid_loss", "valid/loss")):
+        for key, tag in (("loss", "train/loss"), ("ctc_loss", "train/ctc_loss"), ("lr", "train/lr"),
+                         ("valid_loss", "valid/loss")):
             if key in record:
                 writer.add_scalar(tag, record[key], self.step)
 
@@ -313,24 +331,27 @@ class Trainer:
                  len(self.train_items), self.total_steps, self.steps_per_epoch,
                  self.global_batch * cfg.grad_accum, cfg.batch_size, cfg.grad_accum, world.size)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not main)
-        window_loss, window_n = 0.0, 0
+        window_loss, window_ctc, window_n = 0.0, 0.0, 0
         out_of_time = False
         while self.step < self.total_steps and not out_of_time:
             batches = self.epoch_batches()
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not out_of_time:
                 group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.grad_accum]
-                window_loss += self.train_step(group)
-                window_n += 1
+                loss, ctc = self.train_step(group)
+                window_loss, window_ctc, window_n = window_loss + loss, window_ctc + ctc, window_n + 1
                 self.batch_in_epoch += len(group)
                 self.step += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     loss = world.sum(window_loss) / window_n
                     bar.set_postfix(loss=f"{loss:.3f}")
+                    record = {"step": self.step, "epoch": self.epoch, "loss": loss,
+                              "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": train_seconds()}
+                    if self.ctc is not None:
+                        record["ctc_loss"] = world.sum(window_ctc) / (window_n * world.size)
                     if main:
-                        self.log_record({"step": self.step, "epoch": self.epoch, "loss": loss,
-                                         "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": train_seconds()}, writer)
-                    window_loss, window_n = 0.0, 0
+                        self.log_record(record, writer)
+                    window_loss, window_ctc, window_n = 0.0, 0.0, 0
                 if self.step % cfg.save_every == 0 and main:
                     self.save_checkpoint()
                 if cfg.max_minutes is not None:

@@ -1,5 +1,6 @@
 """The CTC alignment phase: greedy CTC decoding, and an adapter that learns to emit token embeddings."""
 
+import dataclasses
 import json
 
 import kaldiio
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_speechllm
-from speechllm.align import AdapterAligner, greedy_ctc, values_heard
+from speechllm.align import AdapterAligner, CTCObjective, greedy_ctc, values_heard
 from speechllm.data import load_feats, read_examples
 from speechllm.model.ctc_head import CTCEmbeddingHead, token_vocab
 
@@ -182,6 +183,72 @@ def test_ctc_tokens_model_trains_saves_and_reloads(tmp_path):
     model.eval()
     assert [len(a) for a in loaded.audio_embeddings(items)] == [len(a) for a in model.audio_embeddings(items)]
     assert loaded.generate(items, max_new_tokens=5) == model.generate(items, max_new_tokens=5)
+
+
+def test_ctc_objective_is_the_per_token_mean_and_all_blank_for_an_empty_transcript(tmp_path):
+    texts = ["pay thirty dollars", "maria garcia"]
+    model, _, _ = make_tiny_speechllm(tmp_path, texts * 10)
+    head = CTCEmbeddingHead(model.llm.get_input_embeddings().weight, token_vocab(model.tokenizer, texts))
+    objective = CTCObjective(model.adapter, head, model.tokenizer)
+    feats = [torch.randn(24, 16), torch.randn(16, 16)]
+    logits, lengths = objective.logits(feats)
+    targets = [objective._targets(t) for t in texts]
+    reference = torch.nn.functional.ctc_loss(logits.log_softmax(-1).transpose(0, 1), torch.cat(targets), lengths,
+                                             torch.tensor([len(t) for t in targets]), zero_infinity=True)
+    assert torch.allclose(objective.loss(feats, texts), reference)
+    # an empty transcript is scored as all blank (a finite loss), not divided by zero
+    empty = objective.loss(feats[:1], [""])
+    blank_only = -logits[0, : lengths[0]].log_softmax(-1)[:, 0].sum()
+    assert torch.isfinite(empty) and torch.allclose(empty, blank_only)
+
+
+def _ctc_weight_run(tmp_path, base, spec, examples, weight: float):
+    from speechllm.model.builder import build_speechllm
+    from speechllm.train import Trainer, TrainConfig, new_ctc_head, set_seed
+
+    cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=8, lr=0.0, adapter_lr=2e-2, warmup_ratio=0.0,
+                      align_steps=2, align_batch_size=2, align_eval_every=2, save_every=100, log_every=2,
+                      audio_input="ctc_tokens", ctc_weight=weight)
+    set_seed(cfg.seed)
+    model = build_speechllm(spec, base)
+    model.ctc_head = new_ctc_head(model, cfg, examples)
+    Trainer(model, spec, cfg, examples, examples[:2], tmp_path, base).train()
+    objective = CTCObjective(model.adapter, model.ctc_head, model.tokenizer)
+    with torch.no_grad():
+        ctc = objective.loss([load_feats(e) for e in examples], [e.text for e in examples]).item()
+    return ctc, [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_ctc_weight_keeps_training_the_alignment_during_slot_filling(tmp_path):
+    from conftest import write_examples
+
+    rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
+             "text": ["pay thirty dollars", "maria garcia card"][i % 2]} for i in range(8)]
+    examples = read_examples(write_examples(tmp_path, rows))
+    _, spec, base = make_tiny_speechllm(tmp_path, [f"{r['text']} <audio> Find slots. {{}}" for r in rows] * 5)
+    spec = dataclasses.replace(spec, audio_input="ctc_tokens")
+    without, log_without = _ctc_weight_run(tmp_path / "w0", base, spec, examples, 0.0)
+    with_ctc, log_with = _ctc_weight_run(tmp_path / "w1", base, spec, examples, 1.0)
+    # both runs share the seed and the 2 alignment steps; only the auxiliary loss tells them apart
+    assert with_ctc < 0.9 * without, (with_ctc, without)
+    ctc_logged = [r["ctc_loss"] for r in log_with if "ctc_loss" in r]
+    assert len(ctc_logged) == 4 and all(np.isfinite(ctc_logged))
+    assert not any("ctc_loss" in r for r in log_without)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ctc_weight: -0.5\n", "ctc_weight must be >= 0, not -0.5"),
+    ("align_steps: 10\nctc_weight: 0.3\n", "ctc_weight .* needs audio_input: ctc_tokens"),
+])
+def test_ctc_weight_config_is_checked(tmp_path, text, message):
+    from speechllm.config import load_yaml_dataclass
+    from speechllm.io_utils import InputError
+    from speechllm.train import TrainConfig
+
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=rf"{path}: {message}"):
+        load_yaml_dataclass(path, TrainConfig)
 
 
 def test_ctc_tokens_needs_the_alignment_phase(tmp_path):
