@@ -206,6 +206,30 @@ def score_corpus(refs: dict[str, dict[str, str]],
     return scorer.result()
 
 
+def matches_in_prompt(refs: dict[str, dict[str, str]], hyps: dict[str, tuple[dict[str, str], bool]],
+                      prompts: dict[str, str]) -> dict[str, dict[str, int]]:
+    """How many exact and partial matches have their predicted value in the prompt's text as well.
+
+    An end-to-end model's right value may come from the audio or be copied from the text context
+    (the previous turns); only the first is hearing. For the cascade every heard value is in the
+    prompt, since the transcript is.
+    """
+    out = {m: {"matches": 0, "in_prompt": 0} for m in ("exact", "partial")}
+    for utt_id, ref in refs.items():
+        slots = hyps.get(utt_id, ({}, False))[0] or {}
+        prompt = f" {normalize_value(prompts.get(utt_id, ''))} "
+        for label, value in filled_pairs(ref):
+            hyp = slots.get(label)
+            if not is_filled(hyp):
+                continue
+            copied = f" {normalize_value(hyp)} " in prompt
+            for metric, match in (("exact", exact_match), ("partial", partial_match)):
+                if match(value, str(hyp)):
+                    out[metric]["matches"] += 1
+                    out[metric]["in_prompt"] += copied
+    return out
+
+
 def format_table(result: dict, title: str = "") -> str:
     """A readable plain-text table of P/R/F1 for each metric and per slot label."""
     lines = [title] if title else []
@@ -215,6 +239,10 @@ def format_table(result: dict, title: str = "") -> str:
         lines.append(f"{name:<10} {r['precision']:7.4f} {r['recall']:7.4f} {r['f1']:7.4f}")
     lines.append(f"utterances {result['n_utts']}, missing {result['n_missing']}, "
                  f"unparseable {result['n_unparseable']}")
+    if "matches_in_prompt" in result:
+        m = result["matches_in_prompt"]
+        lines.append(f"matches whose value is also in the prompt's text: exact {m['exact']['in_prompt']} of "
+                     f"{m['exact']['matches']}, partial {m['partial']['in_prompt']} of {m['partial']['matches']}")
     for group, r in result.get("groups", {}).items():
         p = r["partial"]
         lines.append(f"group {group}: partial {p['precision']:.4f} {p['recall']:.4f} {p['f1']:.4f} "

@@ -54,6 +54,22 @@ def test_missing_hypothesis_and_unparseable_output():
     assert r["exact"]["precision"] == 1.0 and r["exact"]["recall"] == pytest.approx(0.25)
 
 
+def test_matches_in_prompt_separates_copied_values_from_heard_ones():
+    from speechllm.metrics import matches_in_prompt
+
+    refs = {"u1": {"monthly_fee": "130 dollars", "card_type": "None"},
+            "u2": {"customer_name": "Lucas Campbell"},
+            "u3": {"callback_number": "8 6 7 9"}}
+    hyps = {"u1": ({"monthly_fee": "130 dollars", "card_type": "debit card"}, True),  # exact, in the context
+            "u2": ({"customer_name": "Kevin Campbell"}, True),               # partial, heard
+            "u3": ({"callback_number": "8 6 7 9"}, True)}                    # exact, heard ("8 6 7" is no copy)
+    prompts = {"u1": "Previous turns:\n- The monthly fee is 130 dollars.\nCurrent turn: <audio>",
+               "u2": "<audio> Slots?",
+               "u3": "Previous turns:\n- Call 8 6 7.\nCurrent turn: <audio>"}
+    assert matches_in_prompt(refs, hyps, prompts) == {"exact": {"matches": 2, "in_prompt": 1},
+                                                      "partial": {"matches": 3, "in_prompt": 1}}
+
+
 def test_slurp_distances():
     assert word_distance("march third", "march 3rd") == pytest.approx(0.5)
     assert word_distance("a", "a b c") == pytest.approx(2.0)  # not clipped

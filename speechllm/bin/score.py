@@ -1,7 +1,7 @@
 """Stage 5: score a decode dir against the references of its stage-2 JSONL file.
 
 Writes ``scores.json`` (partial, exact, SLU-F1 and span F1, per-slot scores, counts of missing and
-unparseable outputs) and ``result.txt`` (the same as a table) into ``--outdir``. With
+unparseable outputs, and how many matched values the prompt's text also holds) and ``result.txt`` (the same as a table) into ``--outdir``. With
 ``--utt2group`` (e.g. SGD's seen and unseen services) each group is also scored on its own.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from speechllm.data import read_examples
 from speechllm.io_utils import InputError, atomic_write, read_jsonl, read_kaldi_map
 from speechllm.logging_utils import setup_logging
-from speechllm.metrics import format_table, score_corpus
+from speechllm.metrics import format_table, matches_in_prompt, score_corpus
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2g
     if unknown:
         log.warning("%d hypotheses have no reference and are ignored (first: %s)", len(unknown), min(unknown))
     result = score_corpus(refs, hyps)
+    result["matches_in_prompt"] = matches_in_prompt(refs, hyps, {e.id: e.prompt for e in examples})
     if result["n_missing"]:
         log.warning("%d of %d utterances have no hypothesis: their slots count as false negatives",
                     result["n_missing"], result["n_utts"])
