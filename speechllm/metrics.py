@@ -21,6 +21,7 @@ metric too (the counting function itself is SLURP's, unchanged).
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
@@ -206,23 +207,40 @@ def score_corpus(refs: dict[str, dict[str, str]],
     return scorer.result()
 
 
+def _numbers(text: str) -> set[str]:
+    """The digit strings of the numbers in ``text``, however written ("$1,300", "8 6 7 9" -> "1300", "8679")."""
+    return {re.sub(r"\D", "", chunk) for chunk in re.findall(r"\d(?:[\d,.\- ]*\d)?", text)}
+
+
+def in_text(value: str, text: str) -> bool:
+    """Whether ``value`` occurs in ``text``: for a value with digits, whether its number is one of
+    the text's, however written ("867-9432" holds "8 6 7 9 4 3 2", "$130" holds "130 dollars");
+    otherwise as a substring, ignoring case, spacing and punctuation."""
+    digits = re.sub(r"\D", "", value)
+    if digits:
+        return digits in _numbers(text)
+    squashed = "".join(normalize_value(value).split())
+    return bool(squashed) and squashed in "".join(normalize_value(text).split())
+
+
 def matches_in_prompt(refs: dict[str, dict[str, str]], hyps: dict[str, tuple[dict[str, str], bool]],
                       prompts: dict[str, str]) -> dict[str, dict[str, int]]:
     """How many exact and partial matches have their predicted value in the prompt's text as well.
 
     An end-to-end model's right value may come from the audio or be copied from the text context
-    (the previous turns); only the first is hearing. For the cascade every heard value is in the
-    prompt, since the transcript is.
+    (the previous turns); only the first is hearing. ``in_text`` errs towards "copied", so the
+    values not in the prompt were heard. For the cascade every heard value is in the prompt, since
+    the transcript is.
     """
     out = {m: {"matches": 0, "in_prompt": 0} for m in ("exact", "partial")}
     for utt_id, ref in refs.items():
         slots = hyps.get(utt_id, ({}, False))[0] or {}
-        prompt = f" {normalize_value(prompts.get(utt_id, ''))} "
+        prompt = prompts.get(utt_id, "")
         for label, value in filled_pairs(ref):
             hyp = slots.get(label)
             if not is_filled(hyp):
                 continue
-            copied = f" {normalize_value(hyp)} " in prompt
+            copied = in_text(str(hyp), prompt)
             for metric, match in (("exact", exact_match), ("partial", partial_match)):
                 if match(value, str(hyp)):
                     out[metric]["matches"] += 1

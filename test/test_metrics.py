@@ -70,6 +70,16 @@ def test_matches_in_prompt_separates_copied_values_from_heard_ones():
                                                       "partial": {"matches": 3, "in_prompt": 1}}
 
 
+def test_in_text_ignores_how_a_value_is_written():
+    from speechllm.metrics import in_text
+
+    assert in_text("8 6 7 9 4 3 2", "Call me on 867-9432.")
+    assert in_text("130 dollars", "The monthly fee is $130.")
+    assert in_text("Family Share", "the plan name is family share")
+    assert not in_text("151 euros", "1,300 dollars and the policy number in 497,07 euros.")
+    assert not in_text("13", "1,300 dollars")  # whole numbers only
+
+
 def test_slurp_distances():
     assert word_distance("march third", "march 3rd") == pytest.approx(0.5)
     assert word_distance("a", "a b c") == pytest.approx(2.0)  # not clipped
