@@ -228,8 +228,8 @@ def matches_in_prompt(refs: dict[str, dict[str, str]], hyps: dict[str, tuple[dic
     """How many exact and partial matches have their predicted value in the prompt's text as well.
 
     An end-to-end model's right value may come from the audio or be copied from the text context
-    (the previous turns); only the first is hearing. ``in_text`` errs towards "copied", so the
-    values not in the prompt were heard. For the cascade every heard value is in the prompt, since
+    (the previous turns); only the first is hearing. ``in_text`` errs towards "copied", so a value
+    not in the prompt was not copied: heard, or a training prior that happens to match. For the cascade every heard value is in the prompt, since
     the transcript is.
     """
     out = {m: {"matches": 0, "in_prompt": 0} for m in ("exact", "partial")}
