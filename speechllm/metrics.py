@@ -229,8 +229,8 @@ def matches_in_prompt(refs: dict[str, dict[str, str]], hyps: dict[str, tuple[dic
 
     An end-to-end model's right value may come from the audio or be copied from the text context
     (the previous turns); only the first is hearing. ``in_text`` errs towards "copied", so a value
-    not in the prompt was not copied: heard, or a training prior that happens to match. For the cascade every heard value is in the prompt, since
-    the transcript is.
+    not in the prompt was not copied: heard, or a training prior that happens to match. For the
+    cascade every heard value is in the prompt, since the transcript is.
     """
     out = {m: {"matches": 0, "in_prompt": 0} for m in ("exact", "partial")}
     for utt_id, ref in refs.items():

@@ -2,8 +2,8 @@
 
 Writes ``scores.json`` (partial, exact, SLU-F1 and span F1, per-slot scores, counts of missing and
 unparseable outputs, and how many matched values the prompt's text also holds) and ``result.txt``
-(the same as a table) into ``--outdir``. With
-``--utt2group`` (e.g. SGD's seen and unseen services) each group is also scored on its own.
+(the same as a table) into ``--outdir``. With ``--utt2group`` (e.g. SGD's seen and unseen
+services) each group is also scored on its own.
 """
 
 from __future__ import annotations
