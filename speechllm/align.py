@@ -26,7 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 from speechllm.data import Example, load_feats
-from speechllm.metrics import filled_pairs, normalize_value
+from speechllm.metrics import normalize_value
+from speechllm.slots import filled_pairs
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead
 

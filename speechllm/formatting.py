@@ -12,8 +12,9 @@ depend on order or parallelism, and the regular and reasoning examples share one
 The reasoning trace explains each gold label by its description: the utterance's own (the
 ``descriptions`` of its ``slots.jsonl`` row) where given, else the inventory's.
 
-Targets are JSON with double quotes. The reasoning target follows the paper's Figure 3. The cascade
-(the baseline of SPEC §9) has the regular example's prompt and target, with Whisper's transcript of
+Targets are JSON with double quotes; a label with several values in the turn holds a list
+(``{"account_type": ["checking", "savings"]}``). The reasoning target follows the paper's Figure 3.
+The cascade baseline has the regular example's prompt and target, with Whisper's transcript of
 the turn in the audio's place and no features.
 """
 
@@ -28,6 +29,7 @@ from random import Random
 from speechllm import prompts
 from speechllm.io_utils import InputError, atomic_write, read_descriptions, read_kaldi_map, read_slots
 from speechllm.parsing import format_slots
+from speechllm.slots import Slots, filled_slots, values_of
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def conversation_order(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
     return history
 
 
-def draw_prompt(rng: Random, history_text: list[str], gold: dict[str, str], inventory: list[str],
+def draw_prompt(rng: Random, history_text: list[str], gold: Slots, inventory: list[str],
                 query_prob: float, max_context: int = 3, max_distractors: int = 5) -> Draw:
     n_context = min(rng.randint(0, max_context), len(history_text))
     context = history_text[len(history_text) - n_context :] if n_context else []
@@ -81,15 +83,15 @@ def draw_prompt(rng: Random, history_text: list[str], gold: dict[str, str], inve
     return Draw(prompt, queried)
 
 
-def target_slots(gold: dict[str, str], queried: tuple[str, ...] | None) -> dict[str, str]:
+def target_slots(gold: Slots, queried: tuple[str, ...] | None) -> Slots:
     return dict(gold) if queried is None else {label: gold.get(label, "None") for label in queried}
 
 
-def reasoning_trace(transcript: str, gold: dict[str, str], queried: tuple[str, ...] | None,
+def reasoning_trace(transcript: str, gold: Slots, queried: tuple[str, ...] | None,
                     descriptions: dict[str, str]) -> str:
     """The Figure-3 chain of thought: transcript, mentions, queried labels, assignment."""
     steps = [f'I hear the utterance in the audio clip is "{transcript}".']
-    mentions = list(dict.fromkeys(gold.values()))
+    mentions = list(dict.fromkeys(v for value in gold.values() for v in values_of(value)))
     if mentions:
         steps.append("I see that the information bearing mentions in the utterance are "
                      + " | ".join(mentions) + ".")
@@ -104,7 +106,8 @@ def reasoning_trace(transcript: str, gold: dict[str, str], queried: tuple[str, .
         for label, value in gold.items():
             description = descriptions.get(label)
             meaning = f"{label} ({description})" if description else label
-            reasons.append(f'"{value}" is the {meaning}')
+            said = " and ".join(f'"{v}"' for v in values_of(value))
+            reasons.append(f"{said} {'are' if isinstance(value, list) else 'is'} the {meaning}")
         steps.append("Based on the semantics of the slots, " + "; ".join(reasons) + ".")
         if queried is not None and len(queried) > len(gold):
             steps.append("The others are all 'None'.")
@@ -115,11 +118,11 @@ def reasoning_trace(transcript: str, gold: dict[str, str], queried: tuple[str, .
     return "<thinking>\n" + "\n".join(steps) + "\n</thinking>\n"
 
 
-def regular_target(gold: dict[str, str], queried: tuple[str, ...] | None) -> str:
+def regular_target(gold: Slots, queried: tuple[str, ...] | None) -> str:
     return format_slots(target_slots(gold, queried))
 
 
-def reasoning_target(transcript: str, gold: dict[str, str], queried: tuple[str, ...] | None,
+def reasoning_target(transcript: str, gold: Slots, queried: tuple[str, ...] | None,
                      descriptions: dict[str, str]) -> str:
     return (reasoning_trace(transcript, gold, queried, descriptions)
             + "<response>\n" + regular_target(gold, queried) + "\n</response>")
@@ -163,7 +166,7 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
     for utt in utts:
         if utt in missing:
             continue
-        gold = {k: v for k, v in gold_all[utt].items() if v not in ("", "None")}
+        gold = filled_slots(gold_all[utt])
         rng = Random(f"format-{seed}-{utt}")
         draw = draw_prompt(rng, [context_text.get(u, "") for u in history.get(utt, [])], gold, inventory,
                            query_prob)

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import IO, Iterator
 
+from speechllm.slots import Slots, is_slot_value
+
 
 class InputError(ValueError):
     """Bad user input; the message names the file and line."""
@@ -65,14 +67,16 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield lineno, obj
 
 
-def read_slots(path: str | Path) -> dict[str, dict[str, str]]:
-    """Read ``slots.jsonl`` (``{"utt_id": ..., "slots": {label: value}}`` per line)."""
-    out: dict[str, dict[str, str]] = {}
+def read_slots(path: str | Path) -> dict[str, Slots]:
+    """Read ``slots.jsonl`` (``{"utt_id": ..., "slots": {label: value or [values]}}`` per line)."""
+    out: dict[str, Slots] = {}
     for lineno, obj in read_jsonl(path):
         if not isinstance(obj.get("utt_id"), str) or not isinstance(obj.get("slots"), dict):
             raise InputError(f"{path}:{lineno}: expected keys 'utt_id' (string) and 'slots' (object)")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in obj["slots"].items()):
-            raise InputError(f"{path}:{lineno}: slot labels and values must be strings")
+        bad = [k for k, v in obj["slots"].items() if not is_slot_value(v)]
+        if bad:
+            raise InputError(f"{path}:{lineno}: the value of {bad[0]!r} must be a string, null or a list of "
+                             f"strings, got {obj['slots'][bad[0]]!r}")
         out[obj["utt_id"]] = obj["slots"]
     return out
 

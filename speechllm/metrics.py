@@ -1,22 +1,35 @@
 """Slot-filling scores: exact, partial (the paper's headline), SLURP's SLU-F1 and span F1.
 
-Only (label, value) pairs whose value is non-empty and not ``'None'`` count. Matching is one-to-one.
+Scores are micro P/R/F1 over (label, value) pairs with a filled value (:mod:`speechllm.slots`: a
+label may hold several values, absent values count nowhere), matched one-to-one per label by a
+maximum matching, so the order of a turn's values never changes a score.
 
-Normalisation (exact and partial): Unicode NFKC, lower case, every punctuation or symbol character
-replaced by a space, whitespace collapsed. ``"€30."`` and ``" 30 "`` are equal.
+Exact and partial compare normalised values (:func:`normalize_value`):
 
-Partial rule: same label, and the normalised values overlap, i.e. one is a contiguous word
-sequence inside the other (``"monthly payment"`` vs ``"monthly"``), or they share at least one
-content word (a word outside a short stop-word list: ``"30 euros"`` vs ``"30"``; but ``"the bank"``
-vs ``"the card"`` does not count).
+1. Unicode NFKC, lower case; number words become digits (``text2num``: "thirty" -> 30,
+   "five thousand" -> 5000, "twenty-one" -> 21, "third" -> 3rd).
+2. Tokens are numbers and words; other punctuation and symbols are dropped, except inside numbers
+   and words ("o'clock" -> oclock, "a.m." -> am).
+3. Numbers are kept whole: "1,300" -> 1300, "2.50" -> 2.5, "30.00" -> 30, "1.300.000" -> 1300000,
+   a decimal comma "497,07" -> 497.07; digit groups "867-9432" -> 8679432; clock times "10:30" ->
+   10 30 and "10:00" -> 10; ordinal suffixes go ("3rd" -> 3); a run of single digits is one
+   number ("9 3 8 3 0" -> 93830, spelled-out digit strings).
+4. Currency and percent signs are part of the value, read as words after their number: "$30" ->
+   30 dollars, "€30" -> 30 euros, "2.5%" -> 2.5 percent ("dollar", "usd" -> dollars, and so on).
+   So "$30" equals "thirty dollars" but not "€30".
 
-SLU-F1 follows SLURP's scorer (Bastianelli et al., 2020): predicted pairs are visited in order; a
-prediction whose label is among the remaining references takes the reference of that label with
-the smallest distance d (first on ties) and adds TP 1, FP d, FN d; otherwise FP 1; leftover
-references add FN 1. The word run uses WER (unclipped), the char run the normalised Levenshtein
-distance; SLU-F1 sums both runs' counts. Reference values are lower-cased, as in SLURP; since
-SLURP systems emit lower-case text, :class:`SlotScorer` lower-cases our predictions before this
-metric too (the counting function itself is SLURP's, unchanged).
+**exact**: the normalised token sequences are equal. **partial** (surface variants of the right
+value, never a different value): exact, or one normalised value is a contiguous token sequence of
+the other that holds a content word (not only "the", "of"...), and every number of either value is
+in the other. "monthly" and "monthly payment" match, "30" and "30 dollars" match; "$1,300" and
+"$300", "10 am" and "10 pm", "John Smith" and "John Doe", "30 dollars" and "50 dollars" do not.
+
+SLU-F1 follows SLURP's scorer (Bastianelli et al., 2020) exactly: predicted pairs are visited in
+order; a prediction whose label is among the remaining references takes the reference of that
+label with the smallest distance d (first on ties) and adds TP 1, FP d, FN d; otherwise FP 1;
+leftover references add FN 1. The word run uses WER (unclipped), the char run the normalised
+Levenshtein distance; SLU-F1 sums both runs' counts. Span F1 is SLURP's exact multiset match. As
+in SLURP, reference values are lower-cased and predicted values are taken as they are.
 """
 
 from __future__ import annotations
@@ -25,42 +38,87 @@ import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import jiwer
+import numpy as np
 from rapidfuzz.distance import Levenshtein
+from scipy.optimize import linear_sum_assignment
+from text_to_num import alpha2digit
+
+from speechllm.slots import Slots, filled_pairs
 
 STOP_WORDS = frozenset("a an the of and or to in on at for by my your our is it its".split())
+UNIT_WORDS = {"$": "dollars", "dollar": "dollars", "usd": "dollars", "€": "euros", "euro": "euros",
+              "eur": "euros", "£": "pounds", "pound": "pounds", "gbp": "pounds", "%": "percent"}
+ORDINAL_SUFFIXES = frozenset({"st", "nd", "rd", "th"})
+_CURRENCY_FIRST_RE = re.compile(r"([$€£])\s*(\d[\d.,]*)")
+_TOKEN_RE = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W\d_]+(?:['’.][^\W\d_]+)*|[$€£%]")
+
+
+def _number(token: str) -> list[str]:
+    """A number token in its canonical form (see the module docstring, step 3)."""
+    if re.fullmatch(r"\d{1,2}(?::\d\d)+", token):  # a clock time
+        hour, *rest = token.split(":")
+        return [str(int(hour))] + [part for part in rest if part != "00"]
+    if re.fullmatch(r"\d+(?:-\d+)+", token):  # digit groups
+        return [token.replace("-", "")]
+    if not re.fullmatch(r"\d+(?:[.,]\d+)+", token):  # a plain integer, or a date such as 3/15
+        return [token]
+    separators = [ch for ch in token if ch in ".,"]
+    last, point = separators[-1], token.rfind(separators[-1])
+    decimal = separators.count(last) == 1 and (last == "." or len(token) - point - 1 != 3)
+    if not decimal:
+        return [re.sub(r"\D", "", token)]
+    integer, fraction = re.sub(r"\D", "", token[:point]), token[point + 1 :].rstrip("0")
+    return [integer + ("." + fraction if fraction else "")]
+
+
+@lru_cache(maxsize=1 << 16)
+def value_tokens(value: str) -> tuple[str, ...]:
+    """The normalised tokens of a value, which exact and partial matching compare."""
+    text = alpha2digit(unicodedata.normalize("NFKC", str(value)).lower(), "en", threshold=0)
+    text = _CURRENCY_FIRST_RE.sub(r"\2 \1", text)  # "$30" -> "30 $"
+    tokens: list[str] = []
+    for raw in _TOKEN_RE.findall(text):
+        if raw[0].isdigit():
+            tokens.extend(_number(raw))
+        elif not (raw in ORDINAL_SUFFIXES and tokens and tokens[-1][-1].isdigit()):  # "3rd" -> 3
+            tokens.append(UNIT_WORDS.get(raw, re.sub(r"['’.]", "", raw)))
+    out: list[str] = []
+    for token, previous in zip(tokens, [""] + tokens):
+        if len(token) == len(previous) == 1 and token.isdigit() and previous.isdigit():
+            out[-1] += token  # spelled-out digits: 9 3 8 3 0 -> 93830
+        else:
+            out.append(token)
+    return tuple(out)
 
 
 def normalize_value(value: str) -> str:
-    text = unicodedata.normalize("NFKC", str(value)).lower()
-    text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
-    return " ".join(text.split())
+    """A value's normalised tokens joined by spaces: ``"$1,300.00"`` -> ``"1300 dollars"``."""
+    return " ".join(value_tokens(value))
 
 
-def is_filled(value: object) -> bool:
-    return value is not None and str(value).strip() not in ("", "None", "none", "null")
+def _numbers(tokens: tuple[str, ...]) -> set[str]:
+    return {t for t in tokens if t[0].isdigit()}
 
 
-def filled_pairs(slots: dict[str, str]) -> list[tuple[str, str]]:
-    return [(label, str(value)) for label, value in slots.items() if is_filled(value)]
-
-
-def exact_match(ref: str, hyp: str) -> bool:
-    return normalize_value(ref) == normalize_value(hyp)
-
-
-def _contains(words: list[str], sub: list[str]) -> bool:
+def _contains(words: tuple[str, ...], sub: tuple[str, ...]) -> bool:
     n = len(sub)
     return n > 0 and any(words[i : i + n] == sub for i in range(len(words) - n + 1))
 
 
+def exact_match(ref: str, hyp: str) -> bool:
+    a, b = value_tokens(ref), value_tokens(hyp)
+    return a == b if a or b else ref.strip() == hyp.strip()
+
+
 def partial_match(ref: str, hyp: str) -> bool:
-    ref_words, hyp_words = normalize_value(ref).split(), normalize_value(hyp).split()
-    if _contains(ref_words, hyp_words) or _contains(hyp_words, ref_words):
-        return True
-    return bool((set(ref_words) & set(hyp_words)) - STOP_WORDS)
+    """Surface variants only: exact, or containment with a content word and the same numbers."""
+    short, long = sorted((value_tokens(ref), value_tokens(hyp)), key=len)
+    return exact_match(ref, hyp) or (_contains(long, short) and any(t not in STOP_WORDS for t in short)
+                                     and _numbers(long) <= _numbers(short))
 
 
 @dataclass
@@ -91,20 +149,34 @@ class Counts:
                 "tp": self.tp, "fp": self.fp, "fn": self.fn}
 
 
-def match_counts(ref: list[tuple[str, str]], hyp: list[tuple[str, str]],
-                 same: Callable[[str, str], bool]) -> dict[str, Counts]:
-    """One-to-one matching per label: each prediction takes the first unused matching reference."""
+Pairs = list[tuple[str, str]]
+
+
+def matched_pairs(ref: Pairs, hyp: Pairs, same: Callable[[str, str], bool]) -> list[tuple[int, int]]:
+    """A maximum one-to-one matching of hypothesis to reference pairs of the same label, as
+    ``(ref index, hyp index)``: with several values per label, no greedy order can lose a match."""
+    out = []
+    for label in {label for label, _ in hyp}:
+        r = [i for i, (l, _) in enumerate(ref) if l == label]
+        h = [j for j, (l, _) in enumerate(hyp) if l == label]
+        if not r:
+            continue
+        ok = np.array([[same(ref[i][1], hyp[j][1]) for j in h] for i in r])
+        rows, cols = linear_sum_assignment(ok, maximize=True)
+        out.extend((r[a], h[b]) for a, b in zip(rows, cols) if ok[a, b])
+    return sorted(out)
+
+
+def match_counts(ref: Pairs, hyp: Pairs, same: Callable[[str, str], bool]) -> dict[str, Counts]:
+    """TP per matched pair (:func:`matched_pairs`), FP per unmatched prediction, FN per unmatched reference."""
     counts: dict[str, Counts] = defaultdict(Counts)
-    remaining = list(ref)
-    for label, value in hyp:
-        hit = next((i for i, (l, v) in enumerate(remaining) if l == label and same(v, value)), None)
-        if hit is None:
-            counts[label].fp += 1
-        else:
-            counts[label].tp += 1
-            remaining.pop(hit)
-    for label, _ in remaining:
-        counts[label].fn += 1
+    matched = matched_pairs(ref, hyp, same)
+    for i, _ in matched:
+        counts[ref[i][0]].tp += 1
+    for j in set(range(len(hyp))) - {j for _, j in matched}:
+        counts[hyp[j][0]].fp += 1
+    for i in set(range(len(ref))) - {i for i, _ in matched}:
+        counts[ref[i][0]].fn += 1
     return counts
 
 
@@ -116,17 +188,16 @@ def char_distance(ref: str, hyp: str) -> float:
     return Levenshtein.normalized_distance(ref, hyp)
 
 
-def slurp_distance_counts(ref: list[tuple[str, str]], hyp: list[tuple[str, str]],
-                          distance: Callable[[str, str], float]) -> dict[str, Counts]:
-    """SLURP's span-distance counting (see the module docstring)."""
+def slurp_distance_counts(ref: Pairs, hyp: Pairs, distance: Callable[[str, str], float]) -> dict[str, Counts]:
+    """SLURP's span-distance counting (see the module docstring); ``ref`` values already lower-cased."""
     counts: dict[str, Counts] = defaultdict(Counts)
-    remaining = [(label, value.lower()) for label, value in ref]
+    remaining = list(ref)
     for label, value in hyp:
         candidates = [(distance(v, value), i) for i, (l, v) in enumerate(remaining) if l == label]
         if not candidates:
             counts[label].fp += 1
             continue
-        best_d, best_i = min(candidates, key=lambda c: (c[0], c[1]))
+        best_d, best_i = min(candidates)
         counts[label].tp += 1
         counts[label].fp += best_d
         counts[label].fn += best_d
@@ -136,10 +207,12 @@ def slurp_distance_counts(ref: list[tuple[str, str]], hyp: list[tuple[str, str]]
     return counts
 
 
-METRICS: dict[str, Callable[[list, list], dict[str, Counts]]] = {
+METRICS: dict[str, Callable[[Pairs, Pairs], dict[str, Counts]]] = {
     "exact": lambda r, h: match_counts(r, h, exact_match),
     "partial": lambda r, h: match_counts(r, h, partial_match),
-    "span_f1": lambda r, h: match_counts(r, h, lambda a, b: a == b),
+}
+SLURP_METRICS: dict[str, Callable[[Pairs, Pairs], dict[str, Counts]]] = {
+    "span_f1": lambda r, h: match_counts(r, h, str.__eq__),
     "slu_word": lambda r, h: slurp_distance_counts(r, h, word_distance),
     "slu_char": lambda r, h: slurp_distance_counts(r, h, char_distance),
 }
@@ -149,12 +222,12 @@ class SlotScorer:
     """Accumulates micro counts over utterances, overall and per slot label."""
 
     def __init__(self) -> None:
-        self.per_label: dict[str, dict[str, Counts]] = {m: defaultdict(Counts) for m in METRICS}
+        self.per_label: dict[str, dict[str, Counts]] = {m: defaultdict(Counts) for m in {**METRICS, **SLURP_METRICS}}
         self.n_utts = 0
         self.n_missing = 0
         self.n_unparseable = 0
 
-    def add(self, ref: dict[str, str], hyp: dict[str, str] | None, parseable: bool = True) -> None:
+    def add(self, ref: Slots, hyp: Slots | None, parseable: bool = True) -> None:
         """Score one utterance. ``hyp=None`` is a missing hypothesis: all references become FN."""
         self.n_utts += 1
         if hyp is None:
@@ -163,13 +236,11 @@ class SlotScorer:
         elif not parseable:
             self.n_unparseable += 1
         ref_pairs, hyp_pairs = filled_pairs(ref), filled_pairs(hyp)
-        for name, fn in METRICS.items():
-            if name.startswith("slu_"):
-                hyp_pairs_for_metric = [(label, value.lower()) for label, value in hyp_pairs]
-            else:
-                hyp_pairs_for_metric = hyp_pairs
-            for label, counts in fn(ref_pairs, hyp_pairs_for_metric).items():
-                self.per_label[name][label] += counts
+        slurp_ref = [(label, value.lower()) for label, value in ref_pairs]  # SLURP lower-cases the gold only
+        for metrics, refs in ((METRICS, ref_pairs), (SLURP_METRICS, slurp_ref)):
+            for name, fn in metrics.items():
+                for label, counts in fn(refs, hyp_pairs).items():
+                    self.per_label[name][label] += counts
 
     def total(self, name: str) -> Counts:
         total = Counts()
@@ -194,8 +265,7 @@ class SlotScorer:
         }
 
 
-def score_corpus(refs: dict[str, dict[str, str]],
-                 hyps: dict[str, tuple[dict[str, str], bool]]) -> dict:
+def score_corpus(refs: dict[str, Slots], hyps: dict[str, tuple[Slots, bool]]) -> dict:
     """Score every reference utterance; utterances absent from ``hyps`` count as missing."""
     scorer = SlotScorer()
     for utt_id in sorted(refs):
@@ -207,23 +277,17 @@ def score_corpus(refs: dict[str, dict[str, str]],
     return scorer.result()
 
 
-def _numbers(text: str) -> set[str]:
-    """The digit strings of the numbers in ``text``, however written ("$1,300", "8 6 7 9" -> "1300", "8679")."""
-    return {re.sub(r"\D", "", chunk) for chunk in re.findall(r"\d(?:[\d,.\- ]*\d)?", text)}
-
-
 def in_text(value: str, text: str) -> bool:
-    """Whether ``value`` occurs in ``text``: for a value with digits, whether its number is one of
-    the text's, however written ("867-9432" holds "8 6 7 9 4 3 2", "$130" holds "130 dollars");
-    otherwise as a substring, ignoring case, spacing and punctuation."""
-    digits = re.sub(r"\D", "", value)
-    if digits:
-        return digits in _numbers(text)
-    squashed = "".join(normalize_value(value).split())
-    return bool(squashed) and squashed in "".join(normalize_value(text).split())
+    """Whether ``value`` occurs in ``text``, both normalised: for a value with numbers, whether its
+    numbers are all numbers of the text ("867-9432" holds "8 6 7 9 4 3 2", "$130" holds "130
+    dollars"); otherwise as a contiguous token sequence ("the plan is Family Share" holds "family
+    share")."""
+    tokens, text_tokens = value_tokens(value), value_tokens(text)
+    numbers = _numbers(tokens)
+    return numbers <= _numbers(text_tokens) if numbers else _contains(text_tokens, tokens)
 
 
-def matches_in_prompt(refs: dict[str, dict[str, str]], hyps: dict[str, tuple[dict[str, str], bool]],
+def matches_in_prompt(refs: dict[str, Slots], hyps: dict[str, tuple[Slots, bool]],
                       prompts: dict[str, str]) -> dict[str, dict[str, int]]:
     """How many exact and partial matches have their predicted value in the prompt's text as well.
 
@@ -234,17 +298,13 @@ def matches_in_prompt(refs: dict[str, dict[str, str]], hyps: dict[str, tuple[dic
     """
     out = {m: {"matches": 0, "in_prompt": 0} for m in ("exact", "partial")}
     for utt_id, ref in refs.items():
-        slots = hyps.get(utt_id, ({}, False))[0] or {}
+        ref_pairs = filled_pairs(ref)
+        hyp_pairs = filled_pairs(hyps.get(utt_id, ({}, False))[0] or {})
         prompt = prompts.get(utt_id, "")
-        for label, value in filled_pairs(ref):
-            hyp = slots.get(label)
-            if not is_filled(hyp):
-                continue
-            copied = in_text(str(hyp), prompt)
-            for metric, match in (("exact", exact_match), ("partial", partial_match)):
-                if match(value, str(hyp)):
-                    out[metric]["matches"] += 1
-                    out[metric]["in_prompt"] += copied
+        for metric, same in (("exact", exact_match), ("partial", partial_match)):
+            for _, j in matched_pairs(ref_pairs, hyp_pairs, same):
+                out[metric]["matches"] += 1
+                out[metric]["in_prompt"] += in_text(hyp_pairs[j][1], prompt)
     return out
 
 

@@ -1,7 +1,8 @@
 """Turn a generated answer into a slot dict without ever raising.
 
 The model is trained to emit JSON (double quotes); the paper prints Python dicts (single quotes).
-Both are accepted so that outputs of other systems can be scored with the same code.
+Both are accepted so that outputs of other systems can be scored with the same code. A label may
+hold a list of values (``{"account_type": ["checking", "savings"]}``); other values become strings.
 """
 
 from __future__ import annotations
@@ -11,13 +12,22 @@ import json
 import re
 from dataclasses import dataclass
 
+from speechllm.slots import SlotValue, Slots
+
 _RESPONSE_RE = re.compile(r"<response>(.*?)(?:</response>|$)", re.DOTALL)
 
 
 @dataclass
 class ParsedOutput:
-    slots: dict[str, str]
+    slots: Slots
     parseable: bool
+
+
+def _slot_value(value: object) -> SlotValue:
+    """A parsed value as a slot value: ``None`` as ``'None'``, a list item by item, else ``str``."""
+    if isinstance(value, (list, tuple)):
+        return ["None" if v is None else str(v) for v in value]
+    return "None" if value is None else str(value)
 
 
 def _first_braced(text: str) -> str | None:
@@ -70,10 +80,10 @@ def parse_slots(text: str) -> ParsedOutput:
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             continue
         if isinstance(value, dict):
-            return ParsedOutput({str(k): "None" if v is None else str(v) for k, v in value.items()}, True)
+            return ParsedOutput({str(k): _slot_value(v) for k, v in value.items()}, True)
     return ParsedOutput({}, False)
 
 
-def format_slots(slots: dict[str, str]) -> str:
+def format_slots(slots: Slots) -> str:
     """The canonical target string: JSON with double quotes, keys in the given order."""
     return json.dumps(slots, ensure_ascii=False)

@@ -5,8 +5,11 @@ import re
 from collections import Counter
 from random import Random
 
+import pytest
+
 from speechllm import prompts
 from speechllm.formatting import build_examples, draw_prompt, reasoning_target, regular_target
+from speechllm.io_utils import InputError
 from speechllm.parsing import parse_slots
 
 INVENTORY = [f"label_{i}" for i in range(30)]
@@ -49,6 +52,24 @@ def test_targets_list_every_queried_label():
     assert "The labels queried for are new_limit, payment_amount, review_period." in reasoning
     assert "payment_amount (amount of a payment)" in reasoning and "The others are all 'None'." in reasoning
     assert parse_slots(reasoning).slots == json.loads(regular_target(gold, queried))
+
+
+def test_a_label_with_several_values_is_a_list_in_both_targets():
+    gold = {"account_type": ["checking", "savings"], "amount": "$40"}
+    regular = regular_target(gold, ("amount", "account_type", "new_limit"))
+    assert json.loads(regular) == {"amount": "$40", "account_type": ["checking", "savings"], "new_limit": "None"}
+    reasoning = reasoning_target("Move $40 from checking to savings.", gold, None, {"account_type": "an account"})
+    assert "mentions in the utterance are checking | savings | $40." in reasoning
+    assert '"checking" and "savings" are the account_type (an account); "$40" is the amount' in reasoning
+    assert parse_slots(reasoning).slots == gold
+
+
+def test_absent_values_never_reach_a_target(tmp_path):
+    data, dump, utts = _data_dir(tmp_path)
+    slots = {"a": ["x", "None", ""], "b": "N/A", "c": None}
+    (data / "slots.jsonl").write_text("".join(json.dumps({"utt_id": u, "slots": slots}) + "\n" for u in utts))
+    for row in build_examples(data, dump, query_prob=0.0)["regular"]:
+        assert row["slots"] == {"a": "x"} and json.loads(row["target"]) == {"a": "x"}
 
 
 def _data_dir(tmp_path):
@@ -106,3 +127,11 @@ def test_cascade_rows_put_the_turns_transcript_in_the_audios_place(tmp_path):
     (dump / "text_asr").unlink()  # stage 1 with --asr false: no transcripts, so no cascade
     rows = build_examples(data, dump, seed=2, context_source="reference")
     assert "cascade" not in rows and len(rows["regular"]) == len(utts)
+
+
+def test_a_slot_value_of_the_wrong_type_names_file_line_and_label(tmp_path):
+    data, dump, utts = _data_dir(tmp_path)
+    with open(data / "slots.jsonl", "a") as f:
+        f.write(json.dumps({"utt_id": "x", "slots": {"amount": 30}}) + "\n")
+    with pytest.raises(InputError, match=rf"{re.escape(str(data / 'slots.jsonl'))}:7: the value of 'amount' must be"):
+        build_examples(data, dump)

@@ -1,28 +1,107 @@
-"""Scores on hand-worked examples (numbers computed by hand in the comments)."""
+"""Scores on hand-worked examples (the numbers are worked out by hand in the comments)."""
 
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from speechllm.metrics import (SlotScorer, char_distance, normalize_value, partial_match, score_corpus,
-                               slurp_distance_counts, word_distance)
+from speechllm.metrics import (SlotScorer, char_distance, exact_match, in_text, matches_in_prompt,
+                               normalize_value, partial_match, score_corpus, slurp_distance_counts,
+                               word_distance)
 from speechllm.parsing import parse_slots
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 
-def test_normalisation_folds_case_space_and_punctuation():
-    assert normalize_value("  €30. ") == "30"
+# (reference, hypothesis, exact TPs, partial TPs, why): every row is scored as one slot of one turn
+# by score_corpus. The README's table of the partial rule is this table (test_readme_table_...).
+TABLE = [
+    ("$1,300", "$300", 0, 0, "a different amount: numbers are kept whole"),
+    ("2.5%", "5%", 0, 0, "a different rate"),
+    ("8 6 7 9 4 3 2", "5 5 5 1 2 3 4", 0, 0, "different digit strings (8679432, 5551234)"),
+    ("John Smith", "John Doe", 0, 0, "a different person: a shared word is not enough"),
+    ("10 am", "10 pm", 0, 0, "a different time"),
+    ("30 dollars", "50 dollars", 0, 0, "a different amount: a shared unit is not enough"),
+    ("thirty dollars", "$30", 1, 1, "number words become digits, `$30` reads 30 dollars"),
+    ("monthly", "monthly payment", 0, 1, "contained, and no number differs"),
+    ("30", "30 dollars", 0, 1, "contained, the same number"),
+    ("€30", "$30", 0, 0, "a different currency"),
+    ("$1,300.00", "1300 dollars", 1, 1, "thousands separator and zero cents"),
+    ("five thousand", "5,000", 1, 1, "number words"),
+    ("twenty-one", "21", 1, 1, "number words"),
+    ("9 3 8 3 0", "93830", 1, 1, "a run of single digits is one number"),
+    ("867-9432", "eight six seven nine four three two", 1, 1, "digit groups and spelled-out digits"),
+    ("March third", "march 3rd", 1, 1, "ordinals: third, 3rd and 3 are one number"),
+    ("March 3", "March 3 2024", 0, 0, "contained, but 2024 is a number the reference lacks"),
+    ("10:00 a.m.", "10 am", 1, 1, "clock times, a.m."),
+    ("ten thirty", "10:30", 1, 1, "clock times"),
+    ("2.50%", "2.5 percent", 1, 1, "decimals and the percent sign"),
+    ("497,07 euros", "497.07 euros", 1, 1, "a decimal comma"),
+    ("Monthly Payment!", "monthly payment", 1, 1, "case and punctuation"),
+    ("Lucas Campbell", "Kevin Campbell", 0, 0, "a different person"),
+    ("Family Share plan", "family share", 0, 1, "contained"),
+    ("the bank", "the", 0, 0, "the contained part holds no content word"),
+    ("the 15th of October", "October 15", 0, 0, "word order is not normalised: a miss"),
+    (["checking", "savings"], ["savings account", "checking"], 1, 2, "two values: each pair counts, in any order"),
+    (["monthly", "monthly payment"], ["monthly payment", "monthly fee"], 1, 2,
+     "a maximum matching: a greedy one would pair monthly payment with monthly and lose a match"),
+    (["checking", "savings"], "checking", 1, 1, "one of two values found"),
+]
+
+
+def _counts(result: dict, metric: str) -> tuple[float, float, float]:
+    return result[metric]["tp"], result[metric]["fp"], result[metric]["fn"]
+
+
+@pytest.mark.parametrize("ref,hyp,exact,partial,why", TABLE, ids=[f"{r}|{h}" for r, h, *_ in TABLE])
+def test_partial_and_exact_verdicts(ref, hyp, exact, partial, why):
+    result = score_corpus({"u": {"x": ref}}, {"u": ({"x": hyp}, True)})
+    n_ref, n_hyp = (len(v) if isinstance(v, list) else 1 for v in (ref, hyp))
+    assert _counts(result, "exact") == (exact, n_hyp - exact, n_ref - exact)
+    assert _counts(result, "partial") == (partial, n_hyp - partial, n_ref - partial)
+    if not isinstance(ref, list):  # the match functions are symmetric
+        assert (exact_match(ref, hyp), partial_match(ref, hyp)) == (bool(exact), bool(partial))
+        assert (exact_match(hyp, ref), partial_match(hyp, ref)) == (bool(exact), bool(partial))
+
+
+def _cell(text: str):
+    text = text.strip().strip("`")
+    return json.loads(text) if text.startswith("[") else text
+
+
+def test_readme_table_is_the_tested_table():
+    rows = re.findall(r"^\| (`.*?`) \| (`.*?`) \| (yes|no|\d of \d) \| (yes|no|\d of \d) \| (.*?) \|$",
+                      README.read_text(encoding="utf-8"), re.MULTILINE)
+    verdict = {"yes": 1, "no": 0}
+    parsed = [(_cell(r), _cell(h), verdict.get(e, e), verdict.get(p, p), why) for r, h, e, p, why in rows]
+    expected = []
+    for ref, hyp, exact, partial, why in TABLE:
+        n = len(ref) if isinstance(ref, list) else 1
+        show = (lambda k: f"{k} of {n}") if isinstance(ref, list) else (lambda k: k)
+        expected.append((ref, hyp, show(exact), show(partial), why))
+    assert parsed == expected
+
+
+def test_normalisation():
+    assert normalize_value("  €30. ") == "30 euros"
+    assert normalize_value("$1,300.50") == "1300.5 dollars"
+    assert normalize_value("1.300.000") == "1300000"
     assert normalize_value("Monthly  Payment!") == "monthly payment"
+    assert normalize_value("nine three eight three zero") == "93830"
+    assert normalize_value("one o'clock") == "1 oclock"
 
 
-@pytest.mark.parametrize("ref,hyp,expected", [
-    ("monthly", "monthly payment", True),   # contained word sequence
-    ("30 euros", "€30", True),              # shared content word "30"
-    ("the bank", "the card", False),        # only a stop word in common
-    ("March 3rd", "April 4th", False),
-    ("4 7 2 9", "4 7 2 9", True),
-])
-def test_partial_rule(ref, hyp, expected):
-    assert partial_match(ref, hyp) is expected
+@pytest.mark.parametrize("absent", [None, "None", "none", "null", "N/A", "NONE", "", "  "])
+def test_absent_values_mean_no_value_in_references_and_hypotheses(absent):
+    result = score_corpus({"u": {"a": absent, "b": "x"}}, {"u": ({"a": absent, "c": absent}, True)})
+    # only the reference "b" counts: one FN; the absent values are neither FP nor FN
+    assert _counts(result, "exact") == (0, 0, 1) and _counts(result, "slu_f1") == (0, 0, 2)
+    assert set(result["per_slot"]) == {"b"}
+    listed = score_corpus({"u": {"a": ["x", absent]}}, {"u": ({"a": [absent, "x"]}, True)})
+    assert _counts(listed, "exact") == (1, 0, 0)
 
 
 def test_exact_and_partial_with_none_values():
@@ -32,12 +111,11 @@ def test_exact_and_partial_with_none_values():
     s = SlotScorer()
     s.add(ref, hyp)
     r = s.result()
-    # 'None' never counts. exact: amount matches (30 == 30); frequency is 1 FP + 1 FN.
-    assert (r["exact"]["tp"], r["exact"]["fp"], r["exact"]["fn"]) == (1, 1, 1)
+    # 'None' never counts. exact: amount matches (30 euros); frequency is 1 FP + 1 FN.
+    assert _counts(r, "exact") == (1, 1, 1)
     assert r["exact"]["f1"] == pytest.approx(0.5)
-    # partial: "monthly payment" overlaps "monthly": both match.
-    assert (r["partial"]["tp"], r["partial"]["fp"], r["partial"]["fn"]) == (2, 0, 0)
-    assert r["partial"]["f1"] == 1.0
+    # partial: "monthly" is contained in "monthly payment": both match.
+    assert _counts(r, "partial") == (2, 0, 0)
     assert r["per_slot"]["payment_frequency"]["exact"]["f1"] == 0.0
     assert r["per_slot"]["payment_frequency"]["partial"]["f1"] == 1.0
 
@@ -50,29 +128,28 @@ def test_missing_hypothesis_and_unparseable_output():
     r = score_corpus(refs, hyps)
     assert r["n_utts"] == 3 and r["n_missing"] == 1 and r["n_unparseable"] == 1
     # one TP (u2), FN: 2 (u1, missing) + 1 (u3, unparseable)
-    assert (r["exact"]["tp"], r["exact"]["fp"], r["exact"]["fn"]) == (1, 0, 3)
+    assert _counts(r, "exact") == (1, 0, 3)
     assert r["exact"]["precision"] == 1.0 and r["exact"]["recall"] == pytest.approx(0.25)
 
 
 def test_matches_in_prompt_separates_copied_values_from_heard_ones():
-    from speechllm.metrics import matches_in_prompt
-
     refs = {"u1": {"monthly_fee": "130 dollars", "card_type": "None"},
             "u2": {"customer_name": "Lucas Campbell"},
-            "u3": {"callback_number": "8 6 7 9"}}
-    hyps = {"u1": ({"monthly_fee": "130 dollars", "card_type": "debit card"}, True),  # exact, in the context
-            "u2": ({"customer_name": "Kevin Campbell"}, True),               # partial, heard
-            "u3": ({"callback_number": "8 6 7 9"}, True)}                    # exact, heard ("8 6 7" is no copy)
+            "u3": {"callback_number": "8 6 7 9"},
+            "u4": {"account_type": ["checking", "savings"]}}
+    hyps = {"u1": ({"monthly_fee": "$130", "card_type": "debit card"}, True),  # exact, in the context
+            "u2": ({"customer_name": "Campbell"}, True),                      # partial, heard
+            "u3": ({"callback_number": "8 6 7 9"}, True),                     # exact, heard ("8 6 7" is no copy)
+            "u4": ({"account_type": ["savings", "checking"]}, True)}          # exact twice, one in the context
     prompts = {"u1": "Previous turns:\n- The monthly fee is 130 dollars.\nCurrent turn: <audio>",
                "u2": "<audio> Slots?",
-               "u3": "Previous turns:\n- Call 8 6 7.\nCurrent turn: <audio>"}
-    assert matches_in_prompt(refs, hyps, prompts) == {"exact": {"matches": 2, "in_prompt": 1},
-                                                      "partial": {"matches": 3, "in_prompt": 1}}
+               "u3": "Previous turns:\n- Call 8 6 7.\nCurrent turn: <audio>",
+               "u4": "Previous turns:\n- Is that your savings?\nCurrent turn: <audio>"}
+    assert matches_in_prompt(refs, hyps, prompts) == {"exact": {"matches": 4, "in_prompt": 2},
+                                                      "partial": {"matches": 5, "in_prompt": 2}}
 
 
 def test_in_text_ignores_how_a_value_is_written():
-    from speechllm.metrics import in_text
-
     assert in_text("8 6 7 9 4 3 2", "Call me on 867-9432.")
     assert in_text("130 dollars", "The monthly fee is $130.")
     assert in_text("Family Share", "the plan name is family share")
@@ -88,7 +165,7 @@ def test_slurp_distances():
 
 
 def test_slurp_counting_worked_example():
-    ref = [("date", "March third"), ("date", "june fifth"), ("time", "noon")]
+    ref = [("date", "march third"), ("date", "june fifth"), ("time", "noon")]
     hyp = [("date", "june fifth"), ("place", "paris")]
     c = slurp_distance_counts(ref, hyp, word_distance)
     # "june fifth" takes the second date reference (distance 0): TP 1; "place" unknown: FP 1;
@@ -105,19 +182,53 @@ def test_slurp_ties_take_the_first_reference():
     assert c["x"].tp == 1 and c["x"].fp == pytest.approx(0.5) and c["x"].fn == pytest.approx(1.5)
 
 
-def test_slu_f1_sums_word_and_char_runs():
-    s = SlotScorer()
-    s.add({"date": "march third"}, {"date": "March 3rd"})
-    r = s.result()["slu_f1"]
-    # word run: TP 1, FP 0.5, FN 0.5; char run: TP 1, FP 3/11, FN 3/11 (prediction lower-cased)
-    tp, fp = 2.0, 0.5 + 3 / 11
-    assert r["tp"] == pytest.approx(tp) and r["fp"] == pytest.approx(fp) and r["fn"] == pytest.approx(fp)
-    assert r["f1"] == pytest.approx(tp / (tp + fp))
+def test_slurp_metrics_take_upper_case_predictions_as_they_are():
+    """SLURP lower-cases the gold fillers only, so upper-case predictions pay for their case."""
+    ref = {"date": "March Third", "city": "San Jose"}
+    hyp = {"date": "March third", "city": "SAN JOSE", "time": "Noon"}
+    r = score_corpus({"u": ref}, {"u": (hyp, True)})
+    # gold becomes "march third", "san jose".
+    # word run: "March third" vs "march third": WER 1/2 -> TP 1, FP 0.5, FN 0.5;
+    #   "SAN JOSE" vs "san jose": WER 2/2 -> TP 1, FP 1, FN 1; "time" is no gold label -> FP 1.
+    # char run: 1 substitution of 11 -> TP 1, FP 1/11, FN 1/11; 7 of 8 characters -> TP 1, FP 7/8, FN 7/8; FP 1.
+    tp, fp, fn = 4.0, 2.5 + 1 / 11 + 7 / 8 + 1, 1.5 + 1 / 11 + 7 / 8
+    assert _counts(r, "slu_f1") == pytest.approx((tp, fp, fn))
+    p, rec = tp / (tp + fp), tp / (tp + fn)
+    assert r["slu_f1"]["f1"] == pytest.approx(2 * p * rec / (p + rec))
+    # span F1: exact string equality with the lower-cased gold: no prediction matches
+    assert _counts(r, "span_f1") == (0, 3, 2)
+    # lower-case predictions match; exact and partial ignore case either way
+    lower = score_corpus({"u": ref}, {"u": ({k: v.lower() for k, v in hyp.items()}, True)})
+    assert _counts(lower, "span_f1") == (2, 1, 0) and _counts(lower, "slu_f1") == (4, 2, 0)
+    assert _counts(r, "exact") == _counts(lower, "exact") == (2, 1, 0)
+
+
+def test_slurp_counts_every_value_of_a_repeated_label():
+    r = score_corpus({"u": {"city": ["Napa", "Paris"]}}, {"u": ({"city": ["paris", "rome"]}, True)})
+    # span: "paris" matches the gold "paris" (lower-cased); "rome": FP; "napa": FN
+    assert _counts(r, "span_f1") == (1, 1, 1)
+    # word run: "paris" takes "paris" (0), "rome" takes "napa" (1): TP 2, FP 1, FN 1;
+    # char run: 0, then rome vs napa: 4 substitutions of 4 -> TP 2, FP 1, FN 1
+    assert _counts(r, "slu_f1") == pytest.approx((4, 2, 2))
 
 
 def test_span_f1_is_a_multiset_match():
-    s = SlotScorer()
-    s.add({"a": "x", "b": "y"}, {"a": "x", "b": "Y"})
-    r = s.result()["span_f1"]
+    r = score_corpus({"u": {"a": "x", "b": "y"}}, {"u": ({"a": "x", "b": "Y"}, True)})["span_f1"]
     assert (r["tp"], r["fp"], r["fn"]) == (1, 1, 1)
     assert math.isclose(r["f1"], 0.5)
+
+
+values = st.text(alphabet=st.sampled_from("abcxyz 0123456789$€%.,:-'"), max_size=20) | st.sampled_from(
+    [v for row in TABLE for v in row[:2] if isinstance(v, str)])
+
+
+@given(values, values)
+def test_match_rules_are_symmetric_and_exact_implies_partial(a, b):
+    assert exact_match(a, b) == exact_match(b, a) and partial_match(a, b) == partial_match(b, a)
+    if exact_match(a, b):
+        assert partial_match(a, b)
+
+
+@given(values)
+def test_normalisation_is_idempotent(value):
+    assert normalize_value(normalize_value(value)) == normalize_value(value)

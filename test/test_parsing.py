@@ -31,3 +31,9 @@ def test_garbage_never_raises(text):
 
 def test_non_string_values_are_stringified():
     assert parse_slots('{"count": 3, "x": null}').slots == {"count": "3", "x": "None"}
+
+
+def test_a_label_may_hold_a_list_of_values():
+    assert parse_slots('{"account_type": ["checking", "savings"], "amount": "None"}').slots == {
+        "account_type": ["checking", "savings"], "amount": "None"}
+    assert parse_slots("{'account_type': ('checking', None, 3)}").slots == {"account_type": ["checking", "None", "3"]}

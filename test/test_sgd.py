@@ -249,7 +249,7 @@ def test_offline_download_says_how_to_pass_a_local_copy(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "conversations.jsonl").exists()
 
 
-def test_a_label_keeps_its_first_value_in_a_turn_and_the_rest_is_counted(tmp_path, caplog):
+def test_a_label_keeps_every_value_of_a_turn_as_a_list_and_such_turns_are_counted(tmp_path, caplog):
     two_cities = {"dialogue_id": "1_00009", "services": ["Restaurants_1", "Hotels_1"], "turns": [
         {"speaker": "USER", "utterance": "Dinner in Napa, then a hotel in Paris.", "frames": [
             {"service": "Restaurants_1", "slots": [span("Dinner in Napa, then a hotel in Paris.", "Napa", "city")],
@@ -260,8 +260,10 @@ def test_a_label_keeps_its_first_value_in_a_turn_and_the_rest_is_counted(tmp_pat
     root = write_corpus(tmp_path / "sgd", dialogues)
     with caplog.at_level(logging.INFO):
         prepare(root, tmp_path / "plain", num_train=-1, num_valid=0, num_test=-1)
-    assert conversations(tmp_path / "plain")["train-1_00009"]["turns"][0]["slots"] == {"city": "Napa"}
-    assert "upstream train: 1 second values of a label in one turn (left out, the first is kept)" in caplog.text
+    first = conversations(tmp_path / "plain")["train-1_00009"]["turns"][0]
+    assert first["slots"] == {"city": ["Napa", "Paris"]}  # in the order of the frames
+    assert first["descriptions"] == {"city": "City where the restaurant is"}  # the first service's
+    assert "upstream train: 1 turns with several values of one label (kept as a list)" in caplog.text
     prepare(root, tmp_path / "prefixed", num_train=-1, num_valid=0, num_test=-1, prefix_collisions=True)
     assert conversations(tmp_path / "prefixed")["train-1_00009"]["turns"][0]["slots"] == {
         "restaurants_city": "Napa", "hotels_city": "Paris"}

@@ -7,13 +7,15 @@ dev, half of its dialogues using a service that no selected training dialogue us
 Dialogues are drawn round-robin over services (seeded), so small selections still cover them all.
 
 Slots of a turn (either speaker): every span of ``frames[].slots`` (the value is the utterance's
-text at the span), then, for categorical schema slots, the first value of each action that carries
-one (INFORM, CONFIRM, OFFER, REQUEST: SGD gives these no span, e.g. ``number_of_seats: 2`` for
-"two people"). Values of slots outside the schema (INFORM_COUNT's ``count``, INFORM_INTENT's
-``intent``) are left out and counted in the log. Labels are schema slot names; with ``prefix_collisions`` a name used by services of two
-domains becomes ``<domain>_<name>`` (``hotels_address``). Each turn carries its services'
-descriptions of its labels (for the reasoning trace) and its group: ``unseen`` when one of its
-frames' services is absent from the selected training dialogues, else ``seen``.
+text at the span), then, for categorical schema slots, the values of each action that carries them
+(INFORM, CONFIRM, OFFER, REQUEST: SGD gives these no span, e.g. ``number_of_seats: 2`` for "two
+people"). A label keeps every distinct value of the turn, several as a list (``city: ["San Jose",
+"Fremont"]``); the log counts the turns that have such a label. Values of slots outside the schema
+(INFORM_COUNT's ``count``, INFORM_INTENT's ``intent``) are left out and counted in the log. Labels
+are schema slot names; with ``prefix_collisions`` a name used by services of two domains becomes
+``<domain>_<name>`` (``hotels_address``). Each turn carries its services' descriptions of its
+labels (for the reasoning trace) and its group: ``unseen`` when one of its frames' services is
+absent from the selected training dialogues, else ``seen``.
 """
 
 from __future__ import annotations
@@ -127,17 +129,16 @@ class TurnReader:
         text = turn["utterance"]
         if not text.strip():
             raise InputError(f"{where}: empty utterance")
-        slots: dict[str, str] = {}
+        values: dict[str, list[str]] = {}
         descriptions: dict[str, str] = {}
         services = []
 
         def add(service: Service, slot: str, value: str, source: str) -> None:
             label = self.label(service, slot)
-            if label in slots and slots[label] != value:
-                self.counts["second values of a label in one turn (left out, the first is kept)"] += 1
+            if value in values.setdefault(label, []):
                 return
-            slots[label] = value
-            descriptions[label] = service.slots[slot].description
+            values[label].append(value)
+            descriptions.setdefault(label, service.slots[slot].description)
             self.counts[source] += 1
 
         for frame in turn["frames"]:
@@ -160,10 +161,14 @@ class TurnReader:
                 if action.get("act") not in VALUE_ACTS or slot not in service.slots:
                     self.counts[f"{action.get('act')} values of {slot!r} (left out)"] += 1
                 elif service.slots[slot].categorical:
-                    add(service, slot, str(action["values"][0]), "categorical values")
-                elif self.label(service, slot) not in slots:
+                    for value in action["values"]:
+                        add(service, slot, str(value), "categorical values")
+                elif self.label(service, slot) not in values:
                     self.counts["non-categorical action values without a span (left out)"] += 1
         self.counts["turns"] += 1
+        if any(len(v) > 1 for v in values.values()):
+            self.counts["turns with several values of one label (kept as a list)"] += 1
+        slots = {label: v if len(v) > 1 else v[0] for label, v in values.items()}
         return {"speaker": SPEAKERS[turn["speaker"]], "text": " ".join(text.split()), "slots": slots,
                 "descriptions": descriptions, "services": services}
 
