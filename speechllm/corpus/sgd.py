@@ -34,6 +34,7 @@ from random import Random
 
 from speechllm.io_utils import InputError, atomic_write
 from speechllm.logging_utils import setup_logging
+from speechllm.slots import filled_slots
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,7 @@ class TurnReader:
         self.counts["turns"] += 1
         if any(len(v) > 1 for v in values.values()):
             self.counts["turns with several values of one label (kept as a list)"] += 1
-        slots = {label: v if len(v) > 1 else v[0] for label, v in values.items()}
-        return {"speaker": SPEAKERS[turn["speaker"]], "text": " ".join(text.split()), "slots": slots,
+        return {"speaker": SPEAKERS[turn["speaker"]], "text": " ".join(text.split()), "slots": filled_slots(values),
                 "descriptions": descriptions, "services": services}
 
     def dialogue(self, path: Path, dialogue: dict) -> list[dict]:
