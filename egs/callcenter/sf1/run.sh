@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Call-centre slot filling (synthetic calls spoken by espeak-ng). Stages: see sf.sh.
-#   ./run.sh                      # default: Whisper base + SmolLM2-135M, all four modes + cascade, 75 min of 2-core CPU
+#   ./run.sh                      # default: Whisper base + SmolLM2-135M, all four modes + cascade, 2-core CPU
 #   ./run.sh --preset mini        # CI-sized: tiny models built from configs, a few minutes on CPU
 #   ./run.sh --preset long        # a few hours of CPU; --preset gpu: the paper's settings on a GPU
 #   ./run.sh --stage 3 --llm llama31_8b --mode reasoning
