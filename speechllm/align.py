@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import time
+import unicodedata
 from pathlib import Path
 
 import jiwer
@@ -26,10 +27,10 @@ from torch import nn
 from tqdm import tqdm
 
 from speechllm.data import Example, load_feats
-from speechllm.metrics import normalize_value
-from speechllm.slots import filled_pairs
+from speechllm.metrics import holds
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead
+from speechllm.slots import filled_pairs
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,20 @@ def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
 
 
 def values_heard(examples: list[Example], hypotheses: list[str]) -> tuple[int, int]:
-    """How many filled slot values occur (normalised, as whole words) in their turn's hypothesis.
+    """How many filled slot values occur (normalised as by the metrics) in their turn's hypothesis.
 
     The WER over all words hides what slot filling needs: a 0.4 WER can get every common word
     right and every name and number wrong.
     """
-    heard = total = 0
-    for example, hyp in zip(examples, hypotheses):
-        padded = f" {normalize_value(hyp)} "
-        for _, value in filled_pairs(example.slots):
-            total += 1
-            heard += f" {normalize_value(value)} " in padded
-    return heard, total
+    pairs = [(hyp, value) for example, hyp in zip(examples, hypotheses) for _, value in filled_pairs(example.slots)]
+    return sum(holds(hyp, value) for hyp, value in pairs), len(pairs)
+
+
+def wer_text(text: str) -> str:
+    """Text as the WER compares it: NFKC, lower case, punctuation and symbols as spaces (numbers as
+    written, unlike the slot metrics' normalisation)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join("".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text).split())
 
 
 class CTCObjective:
@@ -116,8 +119,8 @@ class CTCObjective:
             logits, lengths = self.logits([load_feats(e) for e in chunk])
             for e, classes in zip(chunk, greedy_ctc(logits, lengths)):
                 pairs.append((e.text, self.tokenizer.decode(self.vocab[classes].tolist()).strip()))
-        refs = [normalize_value(r) or "<empty>" for r, _ in pairs]
-        hyps = [normalize_value(h) for _, h in pairs]
+        refs = [wer_text(r) or "<empty>" for r, _ in pairs]
+        hyps = [wer_text(h) for _, h in pairs]
         return float(jiwer.wer(refs, hyps)), pairs
 
 

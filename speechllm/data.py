@@ -16,6 +16,7 @@ import kaldiio
 import torch
 
 from speechllm.io_utils import InputError, read_jsonl
+from speechllm.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class Example:
     feats: str | None  # kaldiio location "ark_path:offset"; None: a text-only (cascade) example
     prompt: str
     target: str
-    slots: dict[str, str]
+    slots: Slots
     mode: str
     text: str = ""
     n_frames: int = 0

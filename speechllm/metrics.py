@@ -11,9 +11,11 @@ Exact and partial compare normalised values (:func:`normalize_value`):
 2. Tokens are numbers and words; other punctuation and symbols are dropped, except inside numbers
    and words ("o'clock" -> oclock, "a.m." -> am).
 3. Numbers are kept whole: "1,300" -> 1300, "2.50" -> 2.5, "30.00" -> 30, "1.300.000" -> 1300000,
-   a decimal comma "497,07" -> 497.07; digit groups "867-9432" -> 8679432; clock times "10:30" ->
-   10 30 and "10:00" -> 10; ordinal suffixes go ("3rd" -> 3); a run of single digits is one
-   number ("9 3 8 3 0" -> 93830, spelled-out digit strings).
+   a decimal comma "497,07" -> 497.07, ".5" -> 0.5; scale words fold in ("1.4 million" ->
+   1400000, "5k" -> 5000); hyphenated digit groups of 5 or more digits are one number ("867-9432"
+   -> 8679432), shorter ones a range kept as written ("3-5"); clock times "10:30" -> 10 30 and
+   "10:00" -> 10; attached ordinal suffixes go ("3rd" -> 3); a run of single digits is one number
+   ("9 3 8 3 0" -> 93830, spelled-out digit strings, zeros included).
 4. Currency and percent signs are part of the value, read as words after their number: "$30" ->
    30 dollars, "€30" -> 30 euros, "2.5%" -> 2.5 percent ("dollar", "usd" -> dollars, and so on).
    So "$30" equals "thirty dollars" but not "€30".
@@ -29,7 +31,9 @@ order; a prediction whose label is among the remaining references takes the refe
 label with the smallest distance d (first on ties) and adds TP 1, FP d, FN d; otherwise FP 1;
 leftover references add FN 1. The word run uses WER (unclipped), the char run the normalised
 Levenshtein distance; SLU-F1 sums both runs' counts. Span F1 is SLURP's exact multiset match. As
-in SLURP, reference values are lower-cased and predicted values are taken as they are.
+in SLURP, reference values are lower-cased and predicted values are taken as they are. One
+difference: SLURP's script skips an utterance without a prediction, and here its references count
+as false negatives in every metric, so the two agree when every utterance was decoded.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import lru_cache
 from typing import Callable
 
@@ -52,19 +57,23 @@ from speechllm.slots import Slots, filled_pairs
 STOP_WORDS = frozenset("a an the of and or to in on at for by my your our is it its".split())
 UNIT_WORDS = {"$": "dollars", "dollar": "dollars", "usd": "dollars", "€": "euros", "euro": "euros",
               "eur": "euros", "£": "pounds", "pound": "pounds", "gbp": "pounds", "%": "percent"}
-ORDINAL_SUFFIXES = frozenset({"st", "nd", "rd", "th"})
-_CURRENCY_FIRST_RE = re.compile(r"([$€£])\s*(\d[\d.,]*)")
-_TOKEN_RE = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W\d_]+(?:['’.][^\W\d_]+)*|[$€£%]")
+# text2num writes "million" as 1000000, so "5 million" arrives as "5 1000000"
+SCALES = {"k": 1000, "1000": 1000, "1000000": 10**6, "1000000000": 10**9}
+_LEADING_POINT_RE = re.compile(r"(?<!\w)\.(?=\d)")
+_CURRENCY_FIRST_RE = re.compile(rf"([$€£])\s*(\d[\d.,]*(?:\s*(?:{'|'.join(SCALES)})\b)?)")
+_TOKEN_RE = re.compile(r"\d+(?:[.,:/-]\d+)*(?:(?:st|nd|rd|th)(?![^\W\d_]))?"  # numbers, "3rd" included
+                       r"|[^\W\d_]+(?:['’.][^\W\d_]+)*|[$€£%]")
 
 
 def _number(token: str) -> list[str]:
     """A number token in its canonical form (see the module docstring, step 3)."""
+    token = re.sub(r"(?:st|nd|rd|th)$", "", token)
     if re.fullmatch(r"\d{1,2}(?::\d\d)+", token):  # a clock time
         hour, *rest = token.split(":")
         return [str(int(hour))] + [part for part in rest if part != "00"]
-    if re.fullmatch(r"\d+(?:-\d+)+", token):  # digit groups
-        return [token.replace("-", "")]
-    if not re.fullmatch(r"\d+(?:[.,]\d+)+", token):  # a plain integer, or a date such as 3/15
+    if re.fullmatch(r"\d+(?:-\d+)+", token) and len(token) - token.count("-") >= 5:
+        return [token.replace("-", "")]  # digit groups: "867-9432"; a range such as "3-5" stays
+    if not re.fullmatch(r"\d+(?:[.,]\d+)+", token):  # an integer, a range, a date such as 3/15
         return [token]
     separators = [ch for ch in token if ch in ".,"]
     last, point = separators[-1], token.rfind(separators[-1])
@@ -75,24 +84,45 @@ def _number(token: str) -> list[str]:
     return [integer + ("." + fraction if fraction else "")]
 
 
+def _scaled(tokens: list[str]) -> list[str]:
+    """Scale words fold into their number: "1.4 million" -> 1400000, "5k" -> 5000."""
+    out: list[str] = []
+    for token in tokens:
+        if token in SCALES and out and re.fullmatch(r"\d+(?:\.\d+)?", out[-1]):
+            out[-1] = format((Decimal(out[-1]) * SCALES[token]).normalize(), "f")
+        else:
+            out.append(token)
+    return out
+
+
+def _digit_runs_joined(tokens: list[str]) -> list[str]:
+    """Spelled-out digits are one number: "9 3 8 3 0" -> 93830, and text2num's "5 00" -> 500."""
+    out: list[str] = []
+    for token, previous in zip(tokens, [""] + tokens):
+        if _digit_piece(token) and _digit_piece(previous):
+            out[-1] += token
+        else:
+            out.append(token)
+    return out
+
+
+def _digit_piece(token: str) -> bool:
+    return token.isdigit() and (len(token) == 1 or token.startswith("0"))
+
+
 @lru_cache(maxsize=1 << 16)
 def value_tokens(value: str) -> tuple[str, ...]:
     """The normalised tokens of a value, which exact and partial matching compare."""
     text = alpha2digit(unicodedata.normalize("NFKC", str(value)).lower(), "en", threshold=0)
-    text = _CURRENCY_FIRST_RE.sub(r"\2 \1", text)  # "$30" -> "30 $"
+    text = _LEADING_POINT_RE.sub("0.", text)  # ".5" -> "0.5"
+    text = _CURRENCY_FIRST_RE.sub(r"\2 \1", text)  # "$30" -> "30 $", "$5 million" -> "5 million $"
     tokens: list[str] = []
     for raw in _TOKEN_RE.findall(text):
         if raw[0].isdigit():
             tokens.extend(_number(raw))
-        elif not (raw in ORDINAL_SUFFIXES and tokens and tokens[-1][-1].isdigit()):  # "3rd" -> 3
-            tokens.append(UNIT_WORDS.get(raw, re.sub(r"['’.]", "", raw)))
-    out: list[str] = []
-    for token, previous in zip(tokens, [""] + tokens):
-        if len(token) == len(previous) == 1 and token.isdigit() and previous.isdigit():
-            out[-1] += token  # spelled-out digits: 9 3 8 3 0 -> 93830
         else:
-            out.append(token)
-    return tuple(out)
+            tokens.append(UNIT_WORDS.get(raw, re.sub(r"['’.]", "", raw)))
+    return tuple(_digit_runs_joined(_scaled(tokens)))
 
 
 def normalize_value(value: str) -> str:
@@ -181,7 +211,7 @@ def match_counts(ref: Pairs, hyp: Pairs, same: Callable[[str, str], bool]) -> di
 
 
 def word_distance(ref: str, hyp: str) -> float:
-    return float(jiwer.wer(ref, hyp)) if ref.strip() else float(bool(hyp.strip()))
+    return float(jiwer.wer(ref, hyp))
 
 
 def char_distance(ref: str, hyp: str) -> float:
@@ -277,14 +307,19 @@ def score_corpus(refs: dict[str, Slots], hyps: dict[str, tuple[Slots, bool]]) ->
     return scorer.result()
 
 
+def holds(text: str, value: str) -> bool:
+    """Whether ``text`` holds ``value`` as a contiguous token sequence, both normalised."""
+    return _contains(value_tokens(text), value_tokens(value))
+
+
 def in_text(value: str, text: str) -> bool:
     """Whether ``value`` occurs in ``text``, both normalised: for a value with numbers, whether its
     numbers are all numbers of the text ("867-9432" holds "8 6 7 9 4 3 2", "$130" holds "130
     dollars"); otherwise as a contiguous token sequence ("the plan is Family Share" holds "family
-    share")."""
-    tokens, text_tokens = value_tokens(value), value_tokens(text)
-    numbers = _numbers(tokens)
-    return numbers <= _numbers(text_tokens) if numbers else _contains(text_tokens, tokens)
+    share"). Single digits next to each other in the text merge into one number, as in values, so
+    a lone digit of the text that stands beside another one is not found."""
+    numbers = _numbers(value_tokens(value))
+    return numbers <= _numbers(value_tokens(text)) if numbers else holds(text, value)
 
 
 def matches_in_prompt(refs: dict[str, Slots], hyps: dict[str, tuple[Slots, bool]],
@@ -292,8 +327,9 @@ def matches_in_prompt(refs: dict[str, Slots], hyps: dict[str, tuple[Slots, bool]
     """How many exact and partial matches have their predicted value in the prompt's text as well.
 
     An end-to-end model's right value may come from the audio or be copied from the text context
-    (the previous turns); only the first is hearing. ``in_text`` errs towards "copied", so a value
-    not in the prompt was not copied: heard, or a training prior that happens to match. For the
+    (the previous turns); only the first is hearing. ``in_text`` errs towards "copied" (a number is
+    found wherever the text has it, whatever surrounds it), so a value not in the prompt was mostly
+    not copied: heard, or a training prior that happens to match. For the
     cascade every heard value is in the prompt, since the transcript is.
     """
     out = {m: {"matches": 0, "in_prompt": 0} for m in ("exact", "partial")}

@@ -17,6 +17,7 @@ from speechllm.data import read_examples
 from speechllm.io_utils import InputError, atomic_write, read_jsonl, read_kaldi_map
 from speechllm.logging_utils import setup_logging
 from speechllm.metrics import format_table, matches_in_prompt, score_corpus
+from speechllm.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +25,11 @@ log = logging.getLogger(__name__)
 def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2group: Path | None = None) -> dict:
     examples = read_examples(ref_jsonl, mode)
     refs = {e.id: e.slots for e in examples}
-    hyps: dict[str, tuple[dict[str, str], bool]] = {}
+    hyps: dict[str, tuple[Slots, bool]] = {}
     if hyp_jsonl.exists():
         for lineno, row in read_jsonl(hyp_jsonl):
-            if "id" not in row or "slots" not in row:
-                raise InputError(f"{hyp_jsonl}:{lineno}: expected keys 'id' and 'slots'")
+            if "id" not in row or not isinstance(row.get("slots"), dict):
+                raise InputError(f"{hyp_jsonl}:{lineno}: expected keys 'id' and 'slots' (an object)")
             hyps[row["id"]] = (row["slots"], bool(row.get("parseable", True)))
     else:
         log.warning("%s does not exist: every reference counts as missing", hyp_jsonl)

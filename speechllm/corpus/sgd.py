@@ -14,8 +14,9 @@ people"). A label keeps every distinct value of the turn, several as a list (``c
 (INFORM_COUNT's ``count``, INFORM_INTENT's ``intent``) are left out and counted in the log. Labels
 are schema slot names; with ``prefix_collisions`` a name used by services of two domains becomes
 ``<domain>_<name>`` (``hotels_address``). Each turn carries its services' descriptions of its
-labels (for the reasoning trace) and its group: ``unseen`` when one of its frames' services is
-absent from the selected training dialogues, else ``seen``.
+labels (for the reasoning trace; a label two of its services share takes the first's) and its
+group: ``unseen`` when one of its frames' services is absent from the selected training
+dialogues, else ``seen``.
 """
 
 from __future__ import annotations
