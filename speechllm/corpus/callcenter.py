@@ -1,4 +1,4 @@
-"""Seeded generator of agent-customer calls with turn-level slot labels (SPEC §8).
+"""Seeded generator of agent-customer calls with turn-level slot labels.
 
 Each call opens with a greeting and a customer request, continues with agent questions and
 customer answers, reads values back (slots that refer to earlier turns), sometimes corrects one,
