@@ -1,39 +1,81 @@
 """Stage 4: batched generation over stage-2 examples, parsed into slot dicts.
 
-Examples are sorted by length so each batch pads little; results come back in id order, so the
-merged output of any number of parallel jobs is the same file.
+Examples are sorted by length (prompt tokens plus the ``n_frames`` of their stage-2 rows, known
+before any feature is read) so each batch pads little. A batch's features are read just before it
+is generated and dropped after it, so a job holds one batch of features however many examples it
+decodes. Results come back in id order, so the merged output of any number of parallel jobs is the
+same file.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from tqdm import tqdm
 
 from speechllm.data import Example, load_feats
-from speechllm.model.speechllm import SpeechLLM
+from speechllm.model.builder import ModelSpec
+from speechllm.model.speechllm import Encoded, Generation, SpeechLLM
 from speechllm.parsing import parse_slots
 
 log = logging.getLogger(__name__)
 
+CAP_SCALE, CAP_MARGIN = 1.25, 16
+
+
+def new_token_cap(spec: ModelSpec) -> int:
+    """The default ``max_new_tokens``: the longest training target (EOS included) + 25% + 16 tokens.
+
+    A test answer can be longer than every training target (more slots, longer values, a longer
+    reasoning trace): the relative margin covers longer traces, the absolute one a couple more slot
+    values (about 10 tokens each) on short direct answers. The cap costs time only on rows that do
+    not stop, and those are counted as truncated.
+    """
+    if spec.max_target_tokens is None:
+        raise ValueError("the model records no max_target_tokens (it was trained before they were recorded): "
+                         "give --max_new_tokens explicitly")
+    return math.ceil(spec.max_target_tokens * CAP_SCALE) + CAP_MARGIN
+
+
+def _generate_batch(model: SpeechLLM, chunk: list[Example], prompts: dict[str, tuple[list[int], list[int]]],
+                    max_new_tokens: int, num_beams: int) -> list[Generation]:
+    """Read the chunk's features and generate; they are freed when this returns."""
+    items = [Encoded(load_feats(e), *prompts[e.id], []) for e in chunk]
+    return model.generate(items, max_new_tokens, num_beams)
+
 
 def decode_examples(model: SpeechLLM, examples: list[Example], batch_size: int = 8, max_new_tokens: int = 256,
                     num_beams: int = 1) -> list[dict]:
-    """Generate for every example; one result dict per example, in id order."""
-    encoded = {e.id: model.encode(load_feats(e), e.prompt) for e in examples}
-    order = sorted(examples, key=lambda e: encoded[e.id].prompt_length)
-    outputs: dict[str, str] = {}
+    """Generate for every example; one result dict per example, in id order.
+
+    ``truncated`` marks an output that hit ``max_new_tokens`` before EOS: it may have lost slots or
+    fail to parse because of the cap rather than the model.
+    """
+    if not examples:  # an empty share: more jobs than examples
+        return []
+    encoded = model.formatter.encode_many([e.prompt for e in examples], [None] * len(examples),
+                                          [e.feats is not None for e in examples])
+    prompts = {e.id: (before, after) for e, (before, after, _) in zip(examples, encoded)}
+    if any(e.feats is not None and not e.n_frames for e in examples):
+        log.warning("stage-2 rows without n_frames (an older dump): batches are sorted by prompt tokens only")
+    order = sorted(examples, key=lambda e: (len(prompts[e.id][0]) + len(prompts[e.id][1]) + e.n_frames, e.id))
+    outputs: dict[str, Generation] = {}
     start = time.time()
     for i in tqdm(range(0, len(order), batch_size), desc="decode", unit="batch"):
         chunk = order[i : i + batch_size]
-        texts = model.generate([encoded[e.id] for e in chunk], max_new_tokens, num_beams)
-        outputs.update({e.id: t for e, t in zip(chunk, texts)})
-    log.info("decoded %d examples in %.1f s (%.2f utt/s, batch %d)", len(examples), time.time() - start,
-             len(examples) / max(time.time() - start, 1e-9), batch_size)
+        outputs.update(zip((e.id for e in chunk), _generate_batch(model, chunk, prompts, max_new_tokens, num_beams)))
+    seconds = max(time.time() - start, 1e-9)
+    n_truncated = sum(g.truncated for g in outputs.values())
+    log.log(logging.WARNING if n_truncated else logging.INFO,
+            "decoded %d examples in %.1f s (%.2f utt/s, %.1f new tokens/s, batch %d), %d truncated at the cap of "
+            "%d new tokens", len(examples), seconds, len(examples) / seconds,
+            sum(g.n_tokens for g in outputs.values()) / seconds, batch_size, n_truncated, max_new_tokens)
     results = []
     for e in sorted(examples, key=lambda e: e.id):
-        parsed = parse_slots(outputs[e.id])
-        results.append({"id": e.id, "utt_id": e.utt_id, "mode": e.mode, "output": outputs[e.id],
-                        "slots": parsed.slots, "parseable": parsed.parseable})
+        out = outputs[e.id]
+        parsed = parse_slots(out.text)
+        results.append({"id": e.id, "utt_id": e.utt_id, "mode": e.mode, "output": out.text, "slots": parsed.slots,
+                        "parseable": parsed.parseable, "truncated": out.truncated})
     return results

@@ -101,7 +101,7 @@ def test_batched_generation_equals_unbatched(tiny):
         (23, "Context:\n- I pay thirty dollars a month.\n<audio>\nFind slot values for new_limit.")]]
     one_by_one = [tiny.generate([it], max_new_tokens=12)[0] for it in items]
     assert tiny.generate(items, max_new_tokens=12) == one_by_one
-    assert any(one_by_one)
+    assert any(g.text for g in one_by_one)
 
 
 def test_whisper_true_length_encoding_shapes():

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             item = model.encode(None, prompts.text_prompt(prompt, transcript))
         else:
             item = model.encode(torch.from_numpy(encode(encoder, audio, cfg.pad_30s)), prompt)
-        output = model.generate([item], args.max_new_tokens)[0]
+        output = model.generate([item], args.max_new_tokens)[0].text
         parsed = parse_slots(output)
         result = {"file": path, "slots": parsed.slots, "parseable": parsed.parseable}
         if mode == "cascade":

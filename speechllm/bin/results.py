@@ -93,13 +93,14 @@ def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | No
                                + " | ".join(cells) + " |")
     out += ["", "## All scores", "",
             "| system | test set | mode | partial P / R / F1 | exact P / R / F1 | SLU-F1 P / R / F1 | "
-            "utts | unparseable | missing |", "|---|---|---|---|---|---|---|---|---|"]
+            "utts | unparseable | missing | truncated |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (system, dset), modes in sorted(table.items()):
         for mode in MODES:
             if mode in modes:
                 r = modes[mode]
                 out.append(f"| {system} | {dset} | {mode} | {prf(r['partial'])} | {prf(r['exact'])} | "
-                           f"{prf(r['slu_f1'])} | {r['n_utts']} | {r['n_unparseable']} | {r['n_missing']} |")
+                           f"{prf(r['slu_f1'])} | {r['n_utts']} | {r['n_unparseable']} | {r['n_missing']} | "
+                           f"{r.get('n_truncated', '-')} |")  # older scores.json files have no truncation count
     if stage_times and stage_times.exists():
         out += ["", "## Wall time per stage (this machine)", "", "| stage | run (LLM, mode) | seconds | finished |",
                 "|---|---|---|---|"]

@@ -37,18 +37,19 @@ class ModelSpec:
     whisper: str | None = None  # the encoder the features came from (name, checkpoint or YAML)
     mode: str | None = None  # regular | reasoning | hybrid | cascade: how the model was trained
     audio_input: str = "adapter"  # what the LLM reads: "adapter" frames or "ctc_tokens" (model/ctc_head.py)
+    max_target_tokens: int | None = None  # longest training target (EOS included): decoding's default cap
 
     @property
     def llm_config(self) -> LLMConfig:
         return from_dict(LLMConfig, self.llm, "speechllm.yaml:llm")
 
 
-def build_speechllm(spec: ModelSpec, base_path: str | Path | None = None,
-                    device: torch.device | str = "cpu") -> SpeechLLM:
+def build_speechllm(spec: ModelSpec, base_path: str | Path | None = None, device: torch.device | str = "cpu",
+                    gradient_checkpointing: bool = False) -> SpeechLLM:
     """A fresh adapter and fresh LoRA on the frozen foundation model, on ``device``."""
     cfg = spec.llm_config
     llm, tokenizer = load_llm(cfg, base_path, device)
-    llm = add_lora(llm, cfg)
+    llm = add_lora(llm, cfg, gradient_checkpointing)
     torch.manual_seed(cfg.seed + 1)
     return SpeechLLM(llm, tokenizer, new_adapter(spec, llm), PromptFormatter(tokenizer, cfg)).to(device)
 
@@ -83,12 +84,18 @@ def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path:
         os.replace(tmp, outdir)
 
 
-def load_model(model_dir: str | Path, device: str = "cpu") -> SpeechLLM:
-    model_dir = Path(model_dir)
-    if not (model_dir / SPEC_FILE).exists():
+def read_spec(model_dir: str | Path) -> ModelSpec:
+    """The description of a trained model dir."""
+    path = Path(model_dir) / SPEC_FILE
+    if not path.exists():
         raise FileNotFoundError(f"{model_dir} is not a trained model dir (no {SPEC_FILE})")
-    spec = from_dict(ModelSpec, yaml.safe_load((model_dir / SPEC_FILE).read_text(encoding="utf-8")),
-                     str(model_dir / SPEC_FILE))
+    return from_dict(ModelSpec, yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+
+
+def load_model(model_dir: str | Path, device: str = "cpu") -> SpeechLLM:
+    """A trained model, built as :func:`build_speechllm` built it (same loading, same dtypes)."""
+    model_dir = Path(model_dir)
+    spec = read_spec(model_dir)
     cfg = spec.llm_config
     base = (model_dir / spec.base_llm).resolve() if spec.base_llm else None
     llm, tokenizer = load_llm(cfg, base, device)

@@ -121,11 +121,17 @@ def load_llm(cfg: LLMConfig, path: str | Path | None = None, device: torch.devic
     return model, tokenizer
 
 
-def add_lora(model, cfg: LLMConfig) -> PeftModel:
-    if cfg.quantization == "nf4":
-        from peft import prepare_model_for_kbit_training
+def add_lora(model, cfg: LLMConfig, gradient_checkpointing: bool = False) -> PeftModel:
+    """Fresh LoRA weights on the frozen model, which keeps the config's dtype.
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    QLoRA needs no further preparation: ``peft.prepare_model_for_kbit_training`` would upcast the
+    embeddings, head and norms to float32, so training would compute in float32 while decoding (which
+    loads the model as :func:`load_llm` does) computes in ``cfg.dtype``. Gradient checkpointing is the
+    non-reentrant kind, which needs no input that requires grad.
+    """
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.lora))
 
 
@@ -157,7 +163,20 @@ class PromptFormatter:
     def encode(self, prompt: str, target: str | None = None,
                audio: bool = True) -> tuple[list[int], list[int], list[int]]:
         """Token ids before the audio, after it, and of the target (ending with EOS)."""
-        before, after = self.render(prompt, audio)
-        enc = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        target_ids = [] if target is None else enc(target) + [self.tokenizer.eos_token_id]
-        return enc(before), enc(after), target_ids
+        return self.encode_many([prompt], [target], [audio])[0]
+
+    def encode_many(self, prompts: list[str], targets: list[str | None],
+                    audio: list[bool]) -> list[tuple[list[int], list[int], list[int]]]:
+        """:meth:`encode` of many examples, in one (parallel) tokenizer call per part."""
+        rendered = [self.render(p, a) for p, a in zip(prompts, audio)]
+        enc = lambda texts: self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        before, after = enc([b for b, _ in rendered]), enc([a for _, a in rendered])
+        eos = self.tokenizer.eos_token_id
+        target = enc([t or "" for t in targets])
+        target = [ids + [eos] if t is not None else [] for ids, t in zip(target, targets)]
+        return list(zip(before, after, target))
+
+    def fingerprint(self) -> list:
+        """What tokenised data depends on: the rendering and the ids of a probe text."""
+        probe = f'{AUDIO} Pay $1,300.50 on 2024-05-01, {{"name": "Zoë"}} <think>'
+        return [self.render(probe), self.encode(probe, probe), len(self.tokenizer)]

@@ -8,6 +8,7 @@ position, and uses the KV cache of ``generate``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,18 @@ class Encoded:
     after: list[int]
     target: list[int]
 
-    @property
-    def prompt_length(self) -> int:
-        """Prompt tokens plus feature frames: the key that groups similar lengths into a batch."""
-        return len(self.before) + len(self.after) + (0 if self.feats is None else len(self.feats))
+    def pin_memory(self) -> "Encoded":
+        """Called by a DataLoader with ``pin_memory``: page-locked features copy to the GPU faster."""
+        return dataclasses.replace(self, feats=None if self.feats is None else self.feats.pin_memory())
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated response; ``truncated`` tells an answer the token cap cut off from one that ended."""
+
+    text: str
+    n_tokens: int  # new tokens, EOS included
+    truncated: bool  # reached ``max_new_tokens`` without EOS
 
 
 class SpeechLLM(nn.Module):
@@ -112,9 +121,18 @@ class SpeechLLM(nn.Module):
                         logits_to_keep=keep, num_items_in_batch=num_items_in_batch).loss
 
     @torch.no_grad()
-    def generate(self, items: list[Encoded], max_new_tokens: int = 256, num_beams: int = 1) -> list[str]:
+    def generate(self, items: list[Encoded], max_new_tokens: int = 256, num_beams: int = 1) -> list[Generation]:
+        """Greedy (or beam) responses, each with whether ``max_new_tokens`` cut it off before EOS."""
         batch = self.build_batch(items, padding_side="left")
+        eos = self.tokenizer.eos_token_id
+        # given only inputs_embeds, generate returns the new tokens alone; finished rows are padded
         out = self.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
                                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos)
+        generations = []
+        for row in out.tolist():
+            ended = eos in row  # the first EOS ends the response, even when padding is EOS too
+            response = row[: row.index(eos)] if ended else row
+            text = self.tokenizer.decode(response, skip_special_tokens=True).strip()
+            generations.append(Generation(text, len(response) + ended, truncated=not ended))
+        return generations
