@@ -1,21 +1,30 @@
 """Training and decoding examples: JSONL rows with their Whisper features, batched by length.
 
 Rows come from stage 2 (``dump/<set>/<mode>.jsonl``); features are read lazily from the ark.
-Length bucketing sorts each chunk of ``bucket_batches`` batches by length before cutting it into
-batches, so padding stays small while the order still changes every epoch (seeded).
+For training, a JSONL file is tokenised once into memory-mapped arrays (:class:`TokenizedSet`), so
+that a rank's start-up time and memory do not grow with the corpus: a row's JSON is read back only
+when its batch is built. Length bucketing sorts each chunk of ``bucket_batches`` batches by length
+before cutting it into batches, so padding stays small while the order still changes every epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import kaldiio
+import numpy as np
 import torch
+from tqdm import tqdm
 
-from speechllm.io_utils import InputError, read_jsonl
+from speechllm.io_utils import InputError, atomic_write, read_jsonl
+from speechllm.model.speechllm import Encoded
 from speechllm.slots import Slots
 
 log = logging.getLogger(__name__)
@@ -36,20 +45,149 @@ class Example:
     n_frames: int = 0
 
 
+def to_example(row: dict, where: str) -> Example:
+    """A stage-2 row as an :class:`Example`; ``where`` (``file:line``) names it in errors."""
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        raise InputError(f"{where}: missing key(s) {missing}")
+    return Example(row["id"], row["utt_id"], row["feats"], row["prompt"], row["target"], row["slots"],
+                   row.get("mode", ""), row.get("text", ""), int(row.get("n_frames", 0)))
+
+
 def read_examples(path: str | Path, mode: str | None = None) -> list[Example]:
     """Rows of a stage-2 JSONL file, optionally only those of one mode (e.g. ``hybrid_think``)."""
-    out = []
-    for lineno, row in read_jsonl(path):
-        missing = [k for k in REQUIRED_KEYS if k not in row]
-        if missing:
-            raise InputError(f"{path}:{lineno}: missing key(s) {missing}")
-        if mode is not None and row.get("mode") != mode:
-            continue
-        out.append(Example(row["id"], row["utt_id"], row["feats"], row["prompt"], row["target"], row["slots"],
-                           row.get("mode", ""), row.get("text", ""), int(row.get("n_frames", 0))))
+    out = [to_example(row, f"{path}:{lineno}") for lineno, row in read_jsonl(path)
+           if mode is None or row.get("mode") == mode]
     if not out:
         raise InputError(f"{path}: no examples" + (f" of mode {mode!r}" if mode else ""))
     return out
+
+
+def iter_examples(path: str | Path) -> Iterator[tuple[int, Example]]:
+    """``(byte offset, example)`` of each row, streamed: the whole file is never held."""
+    with open(path, "rb") as f:
+        offset, lineno = 0, 0
+        for line in f:
+            lineno += 1
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object")
+            yield start, to_example(row, f"{path}:{lineno}")
+
+
+# columns of TokenizedSet.index
+OFFSET, TOKENS, N_BEFORE, N_AFTER, N_TARGET, N_FRAMES = range(6)
+TokenizeFn = Callable[[list[Example]], list[tuple[list[int], list[int], list[int]]]]
+
+
+class TokenizedSet(torch.utils.data.Dataset):
+    """A stage-2 JSONL file tokenised into ``tokens.bin`` (int32: each row's ids before the audio, after
+    it and of the target, concatenated) and ``index.bin`` (int64 per row: JSONL byte offset, token
+    offset, the three lengths and the feature frames), both memory-mapped.
+
+    ``meta.json``, written last, records what the arrays were built from; :func:`tokenize_once`
+    rebuilds them when the JSONL or the tokenizer changed. Items are ``(Encoded, transcript)``.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.meta = json.loads((self.dir / "meta.json").read_text(encoding="utf-8"))
+        self.tokens = np.memmap(self.dir / "tokens.bin", dtype=np.int32, mode="r")
+        self.index = np.memmap(self.dir / "index.bin", dtype=np.int64, mode="r").reshape(-1, 6)
+        self._file: tuple[int, object] | None = None  # (pid, handle): each DataLoader worker opens its own
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def n_target(self) -> np.ndarray:
+        return self.index[:, N_TARGET]
+
+    def lengths(self, stack: int) -> np.ndarray:
+        """Positions per row in the LLM: prompt tokens, stacked audio frames and target."""
+        idx = self.index
+        return idx[:, N_BEFORE] + idx[:, N_AFTER] + idx[:, N_TARGET] + idx[:, N_FRAMES] // stack
+
+    def example(self, i: int) -> Example:
+        if self._file is None or self._file[0] != os.getpid():
+            self._file = (os.getpid(), open(self.meta["source"], "rb"))
+        f = self._file[1]
+        f.seek(int(self.index[i, OFFSET]))
+        return to_example(json.loads(f.readline()), f"{self.meta['source']} (byte {self.index[i, OFFSET]})")
+
+    def ids(self, i: int) -> tuple[list[int], list[int], list[int]]:
+        start, nb, na, nt = (int(v) for v in self.index[i, [TOKENS, N_BEFORE, N_AFTER, N_TARGET]])
+        ids = self.tokens[start : start + nb + na + nt].tolist()
+        return ids[:nb], ids[nb : nb + na], ids[nb + na :]
+
+    def __getitem__(self, i: int) -> tuple[Encoded, str]:
+        example = self.example(i)
+        return Encoded(load_feats(example), *self.ids(i)), example.text
+
+
+def collate(items: list[tuple[Encoded, str]]) -> tuple[list[Encoded], list[str]]:
+    return [e for e, _ in items], [t for _, t in items]
+
+
+def source_stamp(jsonl: Path, tokenizer_fingerprint: str, limit: int | None) -> dict:
+    stat = jsonl.stat()
+    return {"source": str(jsonl.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "tokenizer": tokenizer_fingerprint, "limit": limit}
+
+
+def tokenize_once(jsonl: str | Path, directory: str | Path, tokenize: TokenizeFn, tokenizer_fingerprint: str,
+                  limit: int | None = None, chunk: int = 2048, show_progress: bool = True) -> None:
+    """Tokenise the first ``limit`` rows (all: None) of ``jsonl`` into ``directory``, unless that was done.
+
+    Rows stream through in chunks, so memory stays flat however long the file is.
+    """
+    jsonl, directory = Path(jsonl), Path(directory)
+    stamp = source_stamp(jsonl, tokenizer_fingerprint, limit)
+    meta_file = directory / "meta.json"
+    if meta_file.exists():
+        old = json.loads(meta_file.read_text(encoding="utf-8"))
+        if {k: old.get(k) for k in stamp} == stamp:
+            return
+        log.info("%s was tokenised from another file or tokenizer: tokenising again", directory)
+        meta_file.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    n_rows, n_tokens, pending = 0, 0, []
+    with open(directory / "tokens.bin", "wb") as tok, open(directory / "index.bin", "wb") as idx:
+        def flush() -> None:
+            nonlocal n_tokens
+            rows = np.zeros((len(pending), 6), dtype=np.int64)
+            for r, ((offset, e), (before, after, target)) in enumerate(zip(pending, tokenize([e for _, e in pending]))):
+                tok.write(np.asarray(before + after + target, dtype=np.int32).tobytes())
+                rows[r] = (offset, n_tokens, len(before), len(after), len(target), e.n_frames)
+                n_tokens += len(before) + len(after) + len(target)
+            idx.write(rows.tobytes())
+            pending.clear()
+
+        for offset, example in tqdm(iter_examples(jsonl), desc=f"tokenise {jsonl.name}", unit="row",
+                                    disable=not show_progress):
+            if limit is not None and n_rows >= limit:
+                break
+            pending.append((offset, example))
+            n_rows += 1
+            if len(pending) == chunk:
+                flush()
+        if pending:
+            flush()
+    if n_rows == 0:
+        raise InputError(f"{jsonl}: no examples")
+    with atomic_write(meta_file) as f:
+        json.dump({**stamp, "rows": n_rows, "tokens": n_tokens}, f)
+    log.info("tokenised %d rows (%d tokens) of %s into %s", n_rows, n_tokens, jsonl, directory)
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 def load_feats(example: Example) -> torch.Tensor | None:

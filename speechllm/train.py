@@ -8,13 +8,17 @@ global batches of ``batch_size x world size`` examples and trains on its own sli
 batch is ``batch_size x grad_accum x world size`` (the paper: 4 x 8 x 4 = 128) and one optimizer step
 averages over every target token of the step, however the batch was split. Only rank 0 writes.
 
-The experiment dir receives ``checkpoints/step_N/`` (trainable weights, optimizer, scheduler, step,
-data position and RNG states: a killed run resumes where it stopped), ``model/`` (the final model),
-``tensorboard/``, ``train_log.jsonl`` and ``loss.png``.
+The stage-2 files are tokenised once into ``tokens/`` (memory-mapped by every rank, see
+:class:`speechllm.data.TokenizedSet`); features are read per batch by the DataLoader. The experiment
+dir also receives ``checkpoints/step_N/`` (trainable weights, optimizer, scheduler, step, data
+position and RNG states: a killed run resumes where it stopped; a job about to reach its time limit
+checkpoints and stops on purpose), ``model/`` (the final model), ``tensorboard/``,
+``train_log.jsonl`` and ``loss.png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,13 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from speechllm.align import AdapterAligner, CTCObjective
 from speechllm.config import from_dict
-from speechllm.data import Example, bucketed_batches, load_feats
-from speechllm.decode import decode_examples
+from speechllm.data import (Example, TokenizedSet, bucketed_batches, collate, fingerprint, iter_examples,
+                            load_feats, tokenize_once)
+from speechllm.decode import decode_examples, new_token_cap
 from speechllm.distributed import World
 from speechllm.io_utils import atomic_write
 from speechllm.metrics import score_corpus
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 8
+    effective_batch: int | None = None  # when set, grad_accum = effective_batch / (batch_size x processes)
     epochs: float = 10
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     lr: float = 2e-4
@@ -60,6 +67,7 @@ class TrainConfig:
     adapter_hidden: int = 2048
     stack: int = 4
     seed: int = 1
+    gradient_checkpointing: bool = False  # recompute each layer in backward: activations of one layer, not all
     bucket_batches: int = 50
     log_every: int = 5
     save_every: int = 100
@@ -77,7 +85,8 @@ class TrainConfig:
     max_minutes: float | None = None  # stop after this much training time (alignment included)
     eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
     eval_max_examples: int = 40
-    eval_max_new_tokens: int = 128
+    eval_max_new_tokens: int | None = None  # None: decoding's cap, from the longest training target
+    num_workers: int = 0  # DataLoader processes that read features ahead of the step (0: in the step)
 
     def __post_init__(self) -> None:
         if self.align_vocab not in ("transcripts", "full"):
@@ -86,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"audio_input must be 'adapter' or 'ctc_tokens', not {self.audio_input!r}")
         if self.audio_input == "ctc_tokens" and self.align_steps <= 0:
             raise ValueError("audio_input: ctc_tokens reads the CTC head's output, which needs align_steps > 0")
+        if self.effective_batch is not None and self.effective_batch <= 0:
+            raise ValueError(f"effective_batch must be > 0, not {self.effective_batch}")
         if self.ctc_weight < 0:
             raise ValueError(f"ctc_weight must be >= 0, not {self.ctc_weight}")
         if self.ctc_weight > 0 and self.audio_input != "ctc_tokens":
@@ -100,36 +111,66 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@dataclass
-class _Item:
-    """A tokenised example; features stay on disk until its batch is built."""
+def tokenized(model: SpeechLLM, jsonl: Path, directory: Path, world: World = World(),
+              limit: int | None = None) -> TokenizedSet:
+    """``jsonl`` tokenised for ``model`` once (by rank 0, reused by every restart), then memory-mapped."""
+    if world.is_main:
+        def tokenize(examples: list[Example]) -> list[tuple[list[int], list[int], list[int]]]:
+            return model.formatter.encode_many([e.prompt for e in examples], [e.target for e in examples],
+                                               [e.feats is not None for e in examples])
 
-    example: Example
-    before: list[int]
-    after: list[int]
-    target: list[int]
-    n_frames: int
+        tokenize_once(jsonl, directory, tokenize, fingerprint(model.formatter.fingerprint()), limit)
+    world.barrier()
+    return TokenizedSet(directory)
+
+
+def accumulation_for(cfg: TrainConfig, processes: int) -> int:
+    """The gradient accumulation that keeps ``effective_batch`` whatever the number of GPUs."""
+    per_pass = cfg.batch_size * processes
+    if cfg.effective_batch % per_pass:
+        raise ValueError(f"effective_batch {cfg.effective_batch} is not a multiple of batch_size {cfg.batch_size} "
+                         f"x {processes} processes")
+    accum = cfg.effective_batch // per_pass
+    log.info("grad_accum %d: effective batch %d = batch_size %d x %d processes x %d", accum, cfg.effective_batch,
+             cfg.batch_size, processes, accum)
+    return accum
+
+
+class TimeLimit(Exception):
+    """Training stopped before the job's time limit, after a checkpoint: run it again to continue."""
+
+
+# seconds kept free before the job's end: a checkpoint to write, and a step slower than the slowest seen
+STOP_MARGIN_S = 120
 
 
 class Trainer:
-    def __init__(self, model: SpeechLLM, spec: ModelSpec, cfg: TrainConfig, train: list[Example],
-                 valid: list[Example], outdir: Path, base_path: Path | None = None, world: World = World()) -> None:
+    def __init__(self, model: SpeechLLM, spec: ModelSpec, cfg: TrainConfig, train: TokenizedSet,
+                 valid: TokenizedSet | None, outdir: Path, base_path: Path | None = None,
+                 world: World = World(), stop_at: float | None = None) -> None:
+        """``stop_at`` (a Unix time: the job's end) makes :meth:`train` checkpoint and raise
+        :class:`TimeLimit` while there is still time to, rather than be killed mid-step."""
+        if cfg.effective_batch is not None:
+            cfg = dataclasses.replace(cfg, grad_accum=accumulation_for(cfg, world.size))
         self.model, self.spec, self.cfg, self.world = model, spec, cfg, world
-        self.outdir, self.base_path = outdir, base_path
-        self.train_items = [self._encode(e) for e in tqdm(train, desc="tokenise train", unit="ex",
-                                                          disable=not world.is_main)]
-        self.valid_items = [self._encode(e) for e in valid[: cfg.valid_max_examples]]
-        self.lengths = [len(it.before) + len(it.after) + len(it.target) + it.n_frames // cfg.stack
-                        for it in self.train_items]
+        self.outdir, self.base_path, self.stop_at = outdir, base_path, stop_at
+        self.train_set, self.valid_set = train, valid
+        self.lengths = train.lengths(cfg.stack).tolist()
+        spec.max_target_tokens = int(train.n_target.max())
         self.global_batch = cfg.batch_size * world.size
         self.batches_per_epoch = math.ceil(len(train) / self.global_batch)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
@@ -155,13 +196,17 @@ class Trainer:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, fixed)
             self.forward = DistributedDataParallel(model, device_ids=None)
 
-    def _encode(self, example: Example) -> _Item:
-        before, after, target = self.model.formatter.encode(example.prompt, example.target,
-                                                            audio=example.feats is not None)
-        return _Item(example, before, after, target, example.n_frames)
+    def loader(self, batches: list[list[int]]) -> DataLoader:
+        """This rank's shares of ``batches``, read ahead by ``num_workers`` processes.
 
-    def _batch(self, items: list[_Item]) -> list[Encoded]:
-        return [Encoded(load_feats(it.example), it.before, it.after, it.target) for it in items]
+        The loader gets its own generator: drawing its seed from the global one would shift the dropout
+        masks of a run resumed mid-epoch away from those of an uninterrupted run.
+        """
+        workers = self.cfg.num_workers
+        return DataLoader(self.train_set, batch_sampler=[self.shard(b) for b in batches], collate_fn=collate,
+                          num_workers=workers, prefetch_factor=2 if workers else None,
+                          pin_memory=self.world.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def epoch_batches(self) -> list[list[int]]:
         """The epoch's global batches, the same on every rank; one a rank would get nothing of is dropped."""
@@ -179,22 +224,20 @@ class Trainer:
         start = r * size + min(r, rest)
         return batch[start : start + size + (1 if r < rest else 0)]
 
-    def train_step(self, group: list[list[int]]) -> tuple[float, float]:
-        """One optimizer step over a group of global batches.
+    def train_step(self, group: list[list[int]], micro: list[tuple[list[Encoded], list[str]]]) -> tuple[float, float]:
+        """One optimizer step over a group of global batches, of which ``micro`` holds this rank's shares.
 
         Returns this rank's share of the step's LLM loss, and its mean auxiliary CTC loss (0 without one)."""
-        n_tokens = sum(len(self.train_items[i].target) for batch in group for i in batch)
+        n_tokens = int(sum(self.train_set.n_target[i] for batch in group for i in batch))
         share = ctc_mean = 0.0
-        for k, batch in enumerate(group):
+        for k, (encoded, texts) in enumerate(micro):
             last = k == len(group) - 1
             sync = nullcontext() if last or not self.world.distributed else self.forward.no_sync()
-            items = [self.train_items[i] for i in self.shard(batch)]
             with sync:
-                encoded = self._batch(items)
                 loss = self.forward(encoded, num_items_in_batch=n_tokens)
                 share += loss.item()
                 if self.ctc is not None:
-                    ctc = self.ctc.loss([e.feats for e in encoded], [it.example.text for it in items])
+                    ctc = self.ctc.loss([e.feats for e in encoded], texts)
                     ctc_mean += ctc.item() / len(group)
                     loss = loss + self.cfg.ctc_weight * ctc / len(group)
                 # DDP averages gradients over ranks, each of which holds a share of one global sum
@@ -242,14 +285,15 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> float:
-        if not self.valid_items:
+        if self.valid_set is None:
             return float("nan")
         self.model.eval()
         total, count = 0.0, 0
-        for start in range(0, len(self.valid_items), self.cfg.batch_size):
-            chunk = self.valid_items[start : start + self.cfg.batch_size]
-            n_tokens = sum(len(it.target) for it in chunk)
-            total += self.model(self._batch(chunk)).item() * n_tokens
+        n, size = len(self.valid_set), self.cfg.batch_size
+        for start in range(0, n, size):
+            encoded, _ = collate([self.valid_set[i] for i in range(start, min(start + size, n))])
+            n_tokens = sum(len(e.target) for e in encoded)
+            total += self.model(encoded).item() * n_tokens
             count += n_tokens
         self.model.train()
         return total / max(count, 1)
@@ -257,9 +301,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate_f1(self) -> dict[str, float]:
         """Decode (a share of) the valid set and score it: the learning-curve points."""
-        examples = [it.example for it in self.valid_items[: self.cfg.eval_max_examples]]
+        n = 0 if self.valid_set is None else min(self.cfg.eval_max_examples, len(self.valid_set))
+        examples = [self.valid_set.example(i) for i in range(n)]
+        max_new = self.cfg.eval_max_new_tokens or new_token_cap(self.spec)
         self.model.eval()
-        results = decode_examples(self.model, examples, self.cfg.batch_size, self.cfg.eval_max_new_tokens)
+        results = decode_examples(self.model, examples, self.cfg.batch_size, max_new)
         self.model.train()
         scores = score_corpus({e.id: e.slots for e in examples},
                               {r["id"]: (r["slots"], r["parseable"]) for r in results})
@@ -281,11 +327,13 @@ class Trainer:
         done = self.outdir / "align" / "adapter.pt"
         head_file = done.with_name("ctc_head.pt")
         if self.world.is_main and not done.exists():
-            train = list({it.example.utt_id: it.example for it in self.train_items}.values())
-            valid = list({it.example.utt_id: it.example for it in self.valid_items}.values())
+            # the phase is off by default (beyond the paper): it alone holds every row's text
+            train = list({e.utt_id: e for e in map(self.train_set.example, range(len(self.train_set)))}.values())
+            valid = [] if self.valid_set is None else \
+                list({e.utt_id: e for e in map(self.valid_set.example, range(len(self.valid_set)))}.values())
             head = self.model.ctc_head
             if head is None:  # the head serves the alignment phase only
-                head = new_ctc_head(self.model, self.cfg, train)
+                head = new_ctc_head(self.model, self.cfg, [e.text for e in train])
             aligner = AdapterAligner(self.model.adapter, head, self.model.tokenizer, self.cfg.align_lr,
                                      self.cfg.align_batch_size, self.cfg.seed)
             aligner.run(train, valid, self.cfg.align_steps, done.parent, writer, self.cfg.align_eval_every)
@@ -298,6 +346,15 @@ class Trainer:
         if self.model.ctc_head is not None:
             self.model.ctc_head.load_state_dict(torch.load(head_file, map_location=self.world.device))
         log.info("alignment phase done: adapter loaded from %s", done)
+
+    def stop_for_time_limit(self, writer) -> None:
+        if self.world.is_main:
+            self.save_checkpoint()
+            writer.close()
+        self.world.barrier()
+        log.warning("stopping at step %d of %d before the job's time limit; the checkpoint is saved: "
+                    "run again to continue", self.step, self.total_steps)
+        raise TimeLimit
 
     def log_record(self, record: dict, writer) -> None:
         """One line of train_log.jsonl, and its scalars in TensorBoard."""
@@ -328,16 +385,22 @@ class Trainer:
 
         self.model.train()
         log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d = %d x %d x %d processes",
-                 len(self.train_items), self.total_steps, self.steps_per_epoch,
+                 len(self.train_set), self.total_steps, self.steps_per_epoch,
                  self.global_batch * cfg.grad_accum, cfg.batch_size, cfg.grad_accum, world.size)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not main)
         window_loss, window_ctc, window_n = 0.0, 0.0, 0
         out_of_time = False
+        slowest_step = 0.0
         while self.step < self.total_steps and not out_of_time:
             batches = self.epoch_batches()
+            micro = iter(self.loader(batches[self.batch_in_epoch :]))
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not out_of_time:
+                if self.stop_at is not None and world.any(time.time() + slowest_step + STOP_MARGIN_S > self.stop_at):
+                    self.stop_for_time_limit(writer)
+                step_start = time.time()
                 group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.grad_accum]
-                loss, ctc = self.train_step(group)
+                loss, ctc = self.train_step(group, [next(micro) for _ in group])
+                slowest_step = max(slowest_step, time.time() - step_start)
                 window_loss, window_ctc, window_n = window_loss + loss, window_ctc + ctc, window_n + 1
                 self.batch_in_epoch += len(group)
                 self.step += 1
@@ -412,26 +475,20 @@ def plot_losses(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def new_ctc_head(model: SpeechLLM, cfg: TrainConfig, train: list[Example]) -> CTCEmbeddingHead:
+def new_ctc_head(model: SpeechLLM, cfg: TrainConfig, transcripts: list[str]) -> CTCEmbeddingHead:
     """A CTC head over the tokens of the training transcripts (or, ``align_vocab: full``, all rows)."""
     embeddings = model.llm.get_input_embeddings().weight
     if cfg.align_vocab == "full":
         vocab = torch.arange(len(embeddings))
     else:
-        vocab = token_vocab(model.tokenizer, [e.text for e in train])
+        vocab = token_vocab(model.tokenizer, transcripts)
     return CTCEmbeddingHead(embeddings, vocab).to(model.device)
 
 
-def feature_dim(example: Example) -> int:
-    """The Whisper feature width, or 0 for text-only (cascade) examples."""
-    feats = load_feats(example)
-    return 0 if feats is None else feats.shape[1]
-
-
-def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train: list[Example], valid: list[Example],
+def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, valid_jsonl: Path | None,
                     outdir: Path, whisper: str | None = None, mode: str | None = None,
-                    world: World = World()) -> SpeechLLM:
-    """Build the model (and a tiny base LLM when the config asks for one), then train it."""
+                    world: World = World(), stop_at: float | None = None) -> SpeechLLM:
+    """Build the model (and a tiny base LLM when the config asks for one), tokenise the data, train."""
     outdir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     llm_cfg = from_dict(LLMConfig, llm_cfg_dict, "llm config")
@@ -439,16 +496,20 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train: list[Example], 
     if llm_cfg.tiny is not None:
         base_path = outdir / "base_llm"
         if world.is_main and not (base_path / "config.json").exists():
-            texts = [t for e in train for t in (e.prompt, e.target, e.text)]
+            texts = [t for _, e in iter_examples(train_jsonl) for t in (e.prompt, e.target, e.text)]
             build_tiny(llm_cfg, texts, base_path)
         world.barrier()
-    feat_dim = feature_dim(train[0])
+    feats = load_feats(next(iter_examples(train_jsonl))[1])
+    feat_dim = 0 if feats is None else feats.shape[1]  # 0: text-only (cascade) examples
     audio_input = cfg.audio_input if feat_dim else "adapter"  # a text-only model reads text
     spec = ModelSpec(llm=llm_cfg_dict, feat_dim=feat_dim, adapter_hidden=cfg.adapter_hidden,
                      stack=cfg.stack, whisper=whisper, mode=mode, audio_input=audio_input)
-    model = build_speechllm(spec, base_path, world.device)
+    model = build_speechllm(spec, base_path, world.device, cfg.gradient_checkpointing)
     if audio_input == "ctc_tokens":
-        model.ctc_head = new_ctc_head(model, cfg, train)
-    trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world)
+        model.ctc_head = new_ctc_head(model, cfg, [e.text for _, e in iter_examples(train_jsonl)])
+    train = tokenized(model, train_jsonl, outdir / "tokens" / "train", world)
+    valid = None if valid_jsonl is None else \
+        tokenized(model, valid_jsonl, outdir / "tokens" / "valid", world, cfg.valid_max_examples)
+    trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world, stop_at)
     trainer.train()
     return model

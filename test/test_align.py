@@ -141,15 +141,17 @@ def test_ctc_alignment_learns_to_transcribe(tmp_path):
 
 def test_trainer_runs_the_alignment_phase_once(tmp_path):
     from conftest import write_examples
-    from speechllm.train import TrainConfig, Trainer
+    from speechllm.train import TrainConfig, Trainer, tokenized
 
     rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
              "text": "pay thirty dollars"} for i in range(4)]
-    examples = read_examples(write_examples(tmp_path, rows))
+    jsonl = write_examples(tmp_path, rows)
     model, spec, base = make_tiny_speechllm(tmp_path, ["pay thirty dollars <audio> Find slots. {}"] * 20)
     cfg = TrainConfig(batch_size=2, grad_accum=1, max_steps=2, align_steps=6, align_batch_size=2,
                       align_eval_every=3, save_every=100, eval_every=2, eval_max_examples=2, eval_max_new_tokens=4)
-    Trainer(model, spec, cfg, examples, examples, tmp_path / "exp", base).train()
+    exp = tmp_path / "exp"
+    data = tokenized(model, jsonl, exp / "tokens")
+    Trainer(model, spec, cfg, data, data, exp, base).train()
     log_lines = (tmp_path / "exp" / "align" / "align_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log_lines] == [3, 6]
     assert json.loads(log_lines[-1])["valid_values"] == 0  # these turns have no slot values
@@ -169,10 +171,11 @@ def test_ctc_tokens_model_trains_saves_and_reloads(tmp_path):
 
     rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
              "text": "pay thirty dollars"} for i in range(4)]
-    examples = read_examples(write_examples(tmp_path, rows))
+    jsonl = write_examples(tmp_path, rows)
+    examples = read_examples(jsonl)
     cfg = TrainConfig(batch_size=2, grad_accum=1, max_steps=2, align_steps=4, align_batch_size=2,
                       align_eval_every=4, save_every=100, audio_input="ctc_tokens")
-    model = build_and_train(tiny_llm_dict(), cfg, examples, examples, tmp_path / "exp", mode="regular")
+    model = build_and_train(tiny_llm_dict(), cfg, jsonl, jsonl, tmp_path / "exp", mode="regular")
     spoken = model.tokenizer("pay thirty dollars", add_special_tokens=False)["input_ids"]
     assert model.ctc_head.vocab.tolist() == sorted(set(spoken))
     aligned_head = torch.load(tmp_path / "exp" / "align" / "ctc_head.pt")
@@ -202,17 +205,20 @@ def test_ctc_objective_is_the_per_token_mean_and_all_blank_for_an_empty_transcri
     assert torch.isfinite(empty) and torch.allclose(empty, blank_only)
 
 
-def _ctc_weight_run(tmp_path, base, spec, examples, weight: float):
+def _ctc_weight_run(tmp_path, base, spec, jsonl, weight: float):
     from speechllm.model.builder import build_speechllm
-    from speechllm.train import Trainer, TrainConfig, new_ctc_head, set_seed
+    from speechllm.train import Trainer, TrainConfig, new_ctc_head, set_seed, tokenized
 
     cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=8, lr=0.0, adapter_lr=2e-2, warmup_ratio=0.0,
                       align_steps=2, align_batch_size=2, align_eval_every=2, save_every=100, log_every=2,
                       audio_input="ctc_tokens", ctc_weight=weight)
     set_seed(cfg.seed)
     model = build_speechllm(spec, base)
-    model.ctc_head = new_ctc_head(model, cfg, examples)
-    Trainer(model, spec, cfg, examples, examples[:2], tmp_path, base).train()
+    examples = read_examples(jsonl)
+    model.ctc_head = new_ctc_head(model, cfg, [e.text for e in examples])
+    train = tokenized(model, jsonl, tmp_path / "tokens" / "train")
+    Trainer(model, spec, cfg, train, tokenized(model, jsonl, tmp_path / "tokens" / "valid", limit=2), tmp_path,
+            base).train()
     objective = CTCObjective(model.adapter, model.ctc_head, model.tokenizer)
     with torch.no_grad():
         ctc = objective.loss([load_feats(e) for e in examples], [e.text for e in examples]).item()
@@ -224,11 +230,11 @@ def test_ctc_weight_keeps_training_the_alignment_during_slot_filling(tmp_path):
 
     rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
              "text": ["pay thirty dollars", "maria garcia card"][i % 2]} for i in range(8)]
-    examples = read_examples(write_examples(tmp_path, rows))
+    jsonl = write_examples(tmp_path, rows)
     _, spec, base = make_tiny_speechllm(tmp_path, [f"{r['text']} <audio> Find slots. {{}}" for r in rows] * 5)
     spec = dataclasses.replace(spec, audio_input="ctc_tokens")
-    without, log_without = _ctc_weight_run(tmp_path / "w0", base, spec, examples, 0.0)
-    with_ctc, log_with = _ctc_weight_run(tmp_path / "w1", base, spec, examples, 1.0)
+    without, log_without = _ctc_weight_run(tmp_path / "w0", base, spec, jsonl, 0.0)
+    with_ctc, log_with = _ctc_weight_run(tmp_path / "w1", base, spec, jsonl, 1.0)
     # both runs share the seed and the 2 alignment steps; only the auxiliary loss tells them apart
     assert with_ctc < 0.9 * without, (with_ctc, without)
     ctc_logged = [r["ctc_loss"] for r in log_with if "ctc_loss" in r]

@@ -2,7 +2,8 @@
 decoding those utterances' features gives back the exact targets (partial F1 = 1.0). The cascade's
 text-only model (transcript in the prompt, no adapter) learns the same way."""
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -12,7 +13,7 @@ from speechllm.decode import decode_examples
 from speechllm.formatting import reasoning_target, regular_target
 from speechllm.prompts import text_prompt
 from speechllm.metrics import score_corpus
-from speechllm.train import TrainConfig, Trainer
+from speechllm.train import TrainConfig, Trainer, tokenized
 
 UTTERANCES = [
     ("u1", "I pay thirty dollars monthly.", {"payment_amount": "thirty dollars", "payment_frequency": "monthly"},
@@ -34,15 +35,17 @@ def test_overfit_few_utterances(tmp_path, mode):
                   else regular_target(gold, queried))
         rows.append({"utt_id": utt, "prompt": PROMPT, "target": target, "text": text, "mode": mode,
                      "slots": gold, "n_frames_to_make": 48})
-    examples = read_examples(write_examples(tmp_path, rows))
+    jsonl = write_examples(tmp_path, rows)
+    examples = read_examples(jsonl)
     if mode == "cascade":
         examples = [replace(e, feats=None, prompt=text_prompt(e.prompt, e.text)) for e in examples]
+        jsonl.write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples))
     texts = [t for e in examples for t in (e.prompt, e.target)]
     model, spec, base = make_tiny_speechllm(tmp_path, texts, adapter_hidden=64, feat_dim=0 if mode == "cascade" else 16)
     assert (model.adapter is None) == (mode == "cascade")
     cfg = TrainConfig(batch_size=4, grad_accum=1, max_steps=250 if mode == "reasoning" else 150, lr=5e-3,
                       warmup_ratio=0.05, adapter_hidden=64, log_every=50, save_every=1000, seed=0)
-    Trainer(model, spec, cfg, examples, [], tmp_path / "exp", base).train()
+    Trainer(model, spec, cfg, tokenized(model, jsonl, tmp_path / "tokens"), None, tmp_path / "exp", base).train()
     model.eval()
     results = decode_examples(model, examples, batch_size=4, max_new_tokens=400)
     for example, result in zip(sorted(examples, key=lambda e: e.id), results):

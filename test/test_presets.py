@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from speechllm.config import load_yaml_dataclass
-from speechllm.train import TrainConfig
+from speechllm.train import TrainConfig, accumulation_for
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.parent.parent for p in REPO.glob("egs/*/sf1/conf/preset"))
@@ -40,5 +40,9 @@ def test_call_centre_offers_long_and_gpu_presets():
     assert load_yaml_dataclass(recipe / preset_vars(recipe, "long")["train_config"], TrainConfig).max_minutes == 40
     gpu = preset_vars(recipe, "gpu")
     config = load_yaml_dataclass(recipe / gpu["train_config"], TrainConfig)
-    assert gpu["ngpu"] == "1" and config.lr == 2e-4 and config.batch_size * config.grad_accum == 32
+    assert gpu["ngpu"] == "1" and config.lr == 2e-4 and config.gradient_checkpointing
     assert config.max_minutes is None and config.epochs == 10
+    # the paper's effective batch of 128 on any number of GPUs: 4 per GPU, the accumulation follows
+    assert [accumulation_for(config, n) for n in (1, 2, 4, 8)] == [32, 16, 8, 4]
+    with pytest.raises(ValueError, match="effective_batch 128 is not a multiple of batch_size 4 x 3 processes"):
+        accumulation_for(config, 3)

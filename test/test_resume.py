@@ -1,11 +1,13 @@
-"""A run killed after a checkpoint and started again ends with the same weights as an uninterrupted run."""
+"""A run killed after a checkpoint, or stopped before a job's time limit, and started again ends with the
+same weights as an uninterrupted run."""
+
+import time
 
 import pytest
 import torch
 
 from conftest import make_tiny_speechllm, write_examples
-from speechllm.data import read_examples
-from speechllm.train import TrainConfig, Trainer
+from speechllm.train import TimeLimit, TrainConfig, Trainer, tokenized
 
 ROWS = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind the slots.", "target": '{"amount": "%d dollars"}' % (10 * i),
          "text": f"{10 * i} dollars", "slots": {"amount": f"{10 * i} dollars"}, "n_frames_to_make": 20 + 4 * i}
@@ -16,27 +18,29 @@ class Killed(Exception):
     pass
 
 
-def fresh_trainer(tmp_path, outdir):
-    examples = read_examples(write_examples(tmp_path, [dict(r) for r in ROWS]))
+def fresh_trainer(tmp_path, outdir, num_workers=0):
+    jsonl = write_examples(tmp_path, [dict(r) for r in ROWS])
     torch.manual_seed(0)
     model, spec, base = make_tiny_speechllm(tmp_path / outdir, [t for r in ROWS for t in (r["prompt"], r["target"])])
     cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=9, lr=2e-3, warmup_ratio=0.2, adapter_hidden=32,
-                      log_every=1, save_every=4, seed=5)
-    return Trainer(model, spec, cfg, examples, [], tmp_path / outdir / "exp", base)
+                      log_every=1, save_every=4, seed=5, num_workers=num_workers)
+    exp = tmp_path / outdir / "exp"
+    return Trainer(model, spec, cfg, tokenized(model, jsonl, exp / "tokens"), None, exp, base)
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("num_workers", [0, 2])  # features read in the step, or by DataLoader processes
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, num_workers):
     whole = fresh_trainer(tmp_path, "whole")
     whole.train()
 
-    killed = fresh_trainer(tmp_path, "resumed")
+    killed = fresh_trainer(tmp_path, "resumed", num_workers)
     step = Trainer.train_step
 
-    def dies_at_step_7(self, group):
+    def dies_at_step_7(self, group, micro):
         if self.step == 6:  # after the checkpoint of step 4, in the second epoch (3 steps per epoch)
             raise Killed
-        return step(self, group)
+        return step(self, group, micro)
 
     monkeypatch.setattr(Trainer, "train_step", dies_at_step_7)
     with pytest.raises(Killed):
@@ -44,7 +48,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", step)
     assert [p.name for p in (tmp_path / "resumed" / "exp" / "checkpoints").iterdir()] == ["step_0000004"]
 
-    resumed = fresh_trainer(tmp_path, "resumed")  # a new process: fresh model, same experiment dir
+    resumed = fresh_trainer(tmp_path, "resumed", num_workers)  # a new process: fresh model, same experiment dir
     resumed.train()
     assert resumed.step == whole.step == 9
     a, b = whole.trainable_state(), resumed.trainable_state()
@@ -52,3 +56,33 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
     assert any((a[n] - killed.trainable_state()[n]).abs().max() > 1e-4 for n in a)  # the kill did cost steps
+
+
+@pytest.mark.slow
+def test_a_run_stopped_for_the_time_limit_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    whole = fresh_trainer(tmp_path, "whole")
+    whole.train()
+
+    stopped = fresh_trainer(tmp_path, "stopped")
+    stopped.stop_at = float("inf")
+    step = Trainer.train_step
+
+    def job_ends_after_step_6(self, group, micro):
+        out = step(self, group, micro)
+        if self.step == 5:  # the step being taken is the 6th
+            self.stop_at = time.time()
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", job_ends_after_step_6)
+    with pytest.raises(TimeLimit):
+        stopped.train()
+    monkeypatch.setattr(Trainer, "train_step", step)
+    checkpoints = sorted(p.name for p in (tmp_path / "stopped" / "exp" / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000004", "step_0000006"]  # saved at the stop, not at a save_every multiple
+    assert not (tmp_path / "stopped" / "exp" / "model").exists()
+
+    resumed = fresh_trainer(tmp_path, "stopped")
+    resumed.train()
+    a, b = whole.trainable_state(), resumed.trainable_state()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)

@@ -2,6 +2,10 @@
 
 Run it with ``python -m`` for one process, or under ``torchrun`` (see ``utils/torchrun.sh``) for
 DistributedDataParallel over GPUs, nodes, or CPU processes.
+
+A job backend with a time limit (``utils/run_slurm.py``) sets ``JOB_END_TIME`` (Unix seconds) and
+``JOB_RESUME_FLAG`` (a path): training then checkpoints before the end, creates the flag file and
+exits with status 75, and the backend runs the job again, which resumes.
 """
 
 from __future__ import annotations
@@ -9,15 +13,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from speechllm.config import from_dict, load_yaml
-from speechllm.data import read_examples
 from speechllm.distributed import close_world, init_world
 from speechllm.logging_utils import setup_logging
-from speechllm.train import TrainConfig, build_and_train
+from speechllm.train import TimeLimit, TrainConfig, build_and_train
+
+RESUMABLE_EXIT = 75  # EX_TEMPFAIL: stopped early on purpose, run again to continue
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,12 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     cfg = from_dict(TrainConfig, load_yaml(args.train_config), str(args.train_config))
     llm_cfg = load_yaml(args.llm_config)
-    train = read_examples(args.train_jsonl)
-    valid = read_examples(args.valid_jsonl) if args.valid_jsonl else []
     whisper = str(Path(args.whisper).resolve()) if args.whisper and Path(args.whisper).is_file() else args.whisper
+    end = os.environ.get("JOB_END_TIME")
     world = init_world(None if args.device == "auto" else args.device == "cuda")
     try:
-        build_and_train(llm_cfg, cfg, train, valid, args.outdir, whisper, args.mode, world)
+        build_and_train(llm_cfg, cfg, args.train_jsonl, args.valid_jsonl, args.outdir, whisper, args.mode, world,
+                        stop_at=float(end) if end else None)
+    except TimeLimit:
+        if world.is_main and os.environ.get("JOB_RESUME_FLAG"):
+            Path(os.environ["JOB_RESUME_FLAG"]).touch()
+        sys.exit(RESUMABLE_EXIT)
     finally:
         close_world(world)
 
