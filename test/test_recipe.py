@@ -118,7 +118,7 @@ def short_training(recipe: Path) -> str:
     return "conf/train_short.yaml"
 
 
-SHORT_DECODE = ("--max_new_tokens_regular", "32", "--max_new_tokens_reasoning", "64")
+SHORT_DECODE = ("--max_new_tokens", "48")
 
 
 @pytest.mark.slow

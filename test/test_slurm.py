@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import kaldiio
@@ -85,6 +86,31 @@ def test_failing_and_killed_tasks_are_named_with_their_logs(slurm, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_a_task_that_stops_before_the_time_limit_is_run_again(slurm, tmp_path):
+    conf = str(REPO / "egs" / "callcenter" / "sf1" / "conf" / "slurm.conf")
+    # part 1 of task 2 stops early (as training does before the time limit); task 1 finishes at once
+    script = ('n=$(cat count.JOB 2>/dev/null || echo 0); echo $((n + 1)) > count.JOB; '
+              'echo "part $((n + 1)) ends at $JOB_END_TIME"; '
+              'if [ JOB -eq 2 ] && [ $n -eq 0 ]; then touch "$JOB_RESUME_FLAG"; exit 75; fi')
+    submitted = time.time()
+    proc = run_slurm(slurm, "--config", conf, "--time", "10", "JOB=1:2", "log/train.JOB.log", "bash", "-c", script,
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "task(s) 2 stopped before the time limit to continue" in proc.stderr
+    assert [(tmp_path / f"count.{i}").read_text().strip() for i in (1, 2)] == ["1", "2"]
+    log = (tmp_path / "log" / "train.2.log").read_text()
+    assert "part 1 ends at" in log and "part 2 ends at" in log and "Stopped early to continue" in log  # one log
+    end = int(log.split("part 2 ends at ")[1].split()[0])
+    assert submitted + 9 * 60 < end < time.time() + 10 * 60 + 5  # the job's --time 10 (minutes)
+
+    # a task that keeps asking is given up after --max_resubmits and named
+    proc = run_slurm(slurm, "--config", conf, "--max_resubmits", "1", "log/loop.log", "bash", "-c",
+                     'touch "$JOB_RESUME_FLAG"', cwd=tmp_path)
+    assert proc.returncode == 1 and "still unfinished after 1 resubmissions, see log/loop.log" in proc.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_recipe_stages_through_slurm(slurm, tmp_path, monkeypatch):
     recipe = copy_recipe(tmp_path)
     monkeypatch.chdir(recipe)  # scp files hold recipe-relative ark paths, as in ESPnet
@@ -146,7 +172,7 @@ def test_slurm_conf_maps_options_to_sbatch_flags(tmp_path):
     cfg = run_slurm_module.SlurmConfig.read(conf)
     assert cfg.command == ["sbatch", "--export=ALL"]
     assert cfg.flags({"gpu": "4", "num_nodes": "2", "mem": "8G"}, conf) == [
-        "--time", "24:00:00", "--gres=gpu:4", "-c", "4", "--nodes", "2", "--ntasks-per-node", "1",
+        "--time", "24:00:00", "--gres=gpu:4", "--nodes", "2", "--ntasks-per-node", "1",
         "--mem-per-cpu", "8G"]
     assert cfg.flags({"num_threads": "1", "time": "1:00:00"}, conf) == ["--time", "1:00:00", "--cpus-per-task", "1"]
 

@@ -6,13 +6,19 @@
 # by the job index. Jobs run in parallel (at most K at once, default: number of CPUs), each
 # writing its own log. When any job fails, the failing indices and their logs are printed and the
 # exit status is 1.
+#
+# --gpu N gives each running job N GPUs of its own through CUDA_VISIBLE_DEVICES (from the GPUs this
+# shell may use: its CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists), so at most
+# (GPUs / N) jobs run at once; --gpu 0 hides the GPUs from the jobs.
 set -u
 
 max_jobs_run=$(nproc)
 num_threads=""
+gpu=0
 while [[ $# -gt 0 && "$1" == --* ]]; do
   case "$1" in
-    --gpu|--mem|--time|--config) shift 2 ;;  # accepted for interface parity; nothing to reserve locally
+    --gpu) gpu=$2; shift 2 ;;
+    --mem|--time|--config) shift 2 ;;  # accepted for interface parity; nothing to reserve locally
     --num_threads) num_threads=$2; shift 2 ;;
     --num_nodes)
       [ "$2" -eq 1 ] || { echo "$0: --num_nodes $2: the local backend has one node (use cmd_backend=slurm)" >&2; exit 1; }
@@ -34,15 +40,42 @@ log=$1; shift
 cmd=""
 for arg in "$@"; do cmd+="$(printf '%q' "$arg") "; done
 
+# GPU slots: slot k holds GPUs k*N .. k*N+N-1 of the visible ones
+declare -a gpus=() slot_pid=() slot_gpus=()
+if [ "$gpu" -gt 0 ]; then
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
+  elif command -v nvidia-smi > /dev/null; then
+    mapfile -t gpus < <(nvidia-smi --query-gpu=index --format=csv,noheader)
+  fi
+  if [ "${#gpus[@]}" -lt "$gpu" ]; then
+    echo "$0: --gpu $gpu per job, but ${#gpus[@]} GPU(s) visible (CUDA_VISIBLE_DEVICES or nvidia-smi)" >&2
+    exit 1
+  fi
+  for ((k = 0; k < ${#gpus[@]} / gpu; k++)); do
+    slot_gpus[k]=$(IFS=,; echo "${gpus[*]:k * gpu:gpu}")
+    slot_pid[k]=""
+  done
+  [ "$max_jobs_run" -gt "${#slot_gpus[@]}" ] && max_jobs_run=${#slot_gpus[@]}
+fi
+
+free_slot() {  # a GPU slot whose job has ended
+  local k
+  for k in "${!slot_gpus[@]}"; do
+    if [ -z "${slot_pid[k]}" ] || ! kill -0 "${slot_pid[k]}" 2> /dev/null; then echo "$k"; return; fi
+  done
+}
+
 run_one() {
-  local i=$1 this_log=$2 this_cmd=$3
+  local i=$1 this_log=$2 this_cmd=$3 devices=$4
   mkdir -p "$(dirname "$this_log")"
   {
     echo "# $this_cmd"
-    echo "# Started at $(date) on $(hostname)"
+    echo "# Started at $(date) on $(hostname)${devices:+ (GPUs ${devices})}"
   } > "$this_log"
   local start=$SECONDS
   ( [ -n "$num_threads" ] && export OMP_NUM_THREADS=$num_threads MKL_NUM_THREADS=$num_threads
+    export CUDA_VISIBLE_DEVICES=$devices
     eval "$this_cmd" ) >> "$this_log" 2>&1
   local rc=$?
   echo "# Accounting: time=$((SECONDS - start)) s, exit status $rc" >> "$this_log"
@@ -59,8 +92,14 @@ for ((i = first; i <= last; i++)); do
     this_log=$log; this_cmd=$cmd
   fi
   while [[ $(jobs -rp | wc -l) -ge $max_jobs_run ]]; do wait -n 2>/dev/null || true; done
-  run_one "$i" "$this_log" "$this_cmd" &
+  devices="" slot=""
+  if [ "$gpu" -gt 0 ]; then
+    slot=$(free_slot)
+    devices=${slot_gpus[slot]}
+  fi
+  run_one "$i" "$this_log" "$this_cmd" "$devices" &
   pid_of[$i]=$!
+  [ -n "$slot" ] && slot_pid[slot]=$!
 done
 for ((i = first; i <= last; i++)); do
   if ! wait "${pid_of[$i]}"; then failed+=("$i"); fi

@@ -15,6 +15,11 @@ every index, at most K at once. The options become sbatch flags through the conf
 
 The backend waits for the array. When any index fails (non-zero exit, or killed by Slurm before
 it could report), it names the index and its log, and exits 1. Ctrl-C cancels the jobs.
+
+Jobs may outlive the time limit. Each task gets ``JOB_END_TIME`` (its end as Unix seconds, from
+squeue) and ``JOB_RESUME_FLAG`` (a path). A task that stops early to be continued (stage 3 training
+checkpoints before the end) creates the flag file; the backend then submits that index again, at
+most ``--max_resubmits`` times (default 20), appending to the same log.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OPTIONS = ("gpu", "mem", "num_threads", "time", "num_nodes", "max_jobs_run", "config")
+OPTIONS = ("gpu", "mem", "num_threads", "time", "num_nodes", "max_jobs_run", "max_resubmits", "config")
+MAX_RESUBMITS = 20
 POLL_S = 1.0
 SQUEUE_EVERY = 5  # polls between two squeue calls
 
@@ -99,7 +105,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], tuple[str, int, int] | 
 
 
 def job_script(cwd: Path, tasks: dict[int, tuple[str, str]], done: str, num_threads: str | None) -> str:
-    """A bash script that runs task ``$SLURM_ARRAY_TASK_ID`` into its log and records its exit status."""
+    """A bash script that runs task ``$SLURM_ARRAY_TASK_ID`` into its log and records its exit status
+    (``resume`` when the task asked to be run again)."""
     branches = "\n".join(f"  {i}) log={shlex.quote(log)}; cmd={shlex.quote(cmd)} ;;" for i, (log, cmd) in tasks.items())
     threads = f"export OMP_NUM_THREADS={num_threads} MKL_NUM_THREADS={num_threads}\n" if num_threads else ""
     return f"""#!/usr/bin/env bash
@@ -110,15 +117,25 @@ case $i in
   *) echo "no task $i" >&2; exit 2 ;;
 esac
 mkdir -p "$(dirname "$log")"
-{{ echo "# $cmd"
-  echo "# Started at $(date) on $(hostname) (Slurm job ${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_$i)"; }} > "$log"
+export JOB_RESUME_FLAG="{done}.$i.resume"
+rm -f "$JOB_RESUME_FLAG"
+end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
+JOB_END_TIME=$(date -d "$end" +%s 2>/dev/null) && export JOB_END_TIME || unset JOB_END_TIME
+part=$(cat "{done}.$i.part" 2>/dev/null || echo 1)
+[ "$part" -eq 1 ] && echo "# $cmd" > "$log"
+echo "# Started at $(date) on $(hostname) (Slurm job ${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_$i, part $part," \
+  "ends ${{end:-?}})" >> "$log"
 start=$SECONDS
 ( {threads}eval "$cmd" ) >> "$log" 2>&1
 rc=$?
 echo "# Accounting: time=$((SECONDS - start)) s, exit status $rc" >> "$log"
+if [ -f "$JOB_RESUME_FLAG" ]; then
+  echo "# Stopped early to continue in another job (part $((part + 1)))" >> "$log"
+  rc=resume
+fi
 echo "# Ended at $(date)" >> "$log"
 echo $rc > "{done}.$i"
-exit $rc
+[ $rc = resume ] && exit 0 || exit $rc
 """
 
 
@@ -127,14 +144,18 @@ def in_queue(job_id: str) -> bool:
     return proc.returncode == 0 and bool(proc.stdout.strip())
 
 
-def wait(job_id: str, indices: list[int], done: str) -> dict[int, int | None]:
-    """Exit status of each index once all have reported or the job left the queue (None: no report)."""
-    status: dict[int, int | None] = {}
+RESUME = "resume"  # the status of a task that stopped early to be run again
+
+
+def wait(job_id: str, indices: list[int], done: str) -> dict[int, int | str | None]:
+    """Exit status (or RESUME) of each index once all have reported or the job left the queue (None: no report)."""
+    status: dict[int, int | str | None] = {}
 
     def collect() -> None:
         for i in indices:
             if i not in status and os.path.exists(f"{done}.{i}"):
-                status[i] = int(Path(f"{done}.{i}").read_text().strip() or 1)
+                text = Path(f"{done}.{i}").read_text().strip()
+                status[i] = RESUME if text == RESUME else int(text or 1)
 
     polls = 0
     while True:
@@ -159,6 +180,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         sys.exit(f"{sys.argv[0]}: {e}")
     max_jobs_run = options.pop("max_jobs_run", None)
+    max_resubmits = int(options.pop("max_resubmits", MAX_RESUBMITS))
     var, first, last = array or ("", 1, 1)
     cmd = shlex.join(command)
     # whole words only: "JOB" in dump.JOB.log is the index, in $SLURM_JOB_ID it is not
@@ -177,28 +199,44 @@ def main(argv: list[str]) -> int:
         flags = cfg.flags(options, config_path)
     except ConfigError as e:
         sys.exit(f"{sys.argv[0]}: {e}")
-    array_spec = f"{first}-{last}" + (f"%{max_jobs_run}" if max_jobs_run else "")
-    submit = [*cfg.command, *flags, "--parsable", f"--array={array_spec}",
-              f"--output={qdir.resolve()}/{name}.%a.out", str(script)]
-    proc = subprocess.run(submit, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{sys.argv[0]}: submission failed ({shlex.join(submit)}):\n{proc.stderr.strip()}")
-    job_id = proc.stdout.strip().split(";")[0]
-    print(f"{sys.argv[0]}: submitted Slurm job {job_id} ({len(tasks)} task(s)): {shlex.join(submit)}", file=sys.stderr)
-    try:
-        status = wait(job_id, list(tasks), done)
-    except KeyboardInterrupt:
-        subprocess.run(["scancel", job_id])
-        print(f"{sys.argv[0]}: interrupted; cancelled Slurm job {job_id}", file=sys.stderr)
-        return 130
-    finally:
-        for i in tasks:
-            Path(f"{done}.{i}").unlink(missing_ok=True)
+    status: dict[int, int | str | None] = {}
+    pending = list(tasks)
+    for part in range(1, max_resubmits + 2):
+        spec = f"{first}-{last}" if part == 1 else ",".join(map(str, pending))
+        array_spec = spec + (f"%{max_jobs_run}" if max_jobs_run else "")
+        submit = [*cfg.command, *flags, "--parsable", f"--array={array_spec}",
+                  f"--output={qdir.resolve()}/{name}.%a.out", "--open-mode=append", str(script)]
+        proc = subprocess.run(submit, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{sys.argv[0]}: submission failed ({shlex.join(submit)}):\n{proc.stderr.strip()}")
+        job_id = proc.stdout.strip().split(";")[0]
+        print(f"{sys.argv[0]}: submitted Slurm job {job_id} ({len(pending)} task(s)"
+              f"{f', part {part}' if part > 1 else ''}): {shlex.join(submit)}", file=sys.stderr)
+        try:
+            status.update(wait(job_id, pending, done))
+        except KeyboardInterrupt:
+            subprocess.run(["scancel", job_id])
+            print(f"{sys.argv[0]}: interrupted; cancelled Slurm job {job_id}", file=sys.stderr)
+            return 130
+        finally:
+            for i in pending:
+                Path(f"{done}.{i}").unlink(missing_ok=True)
+        pending = [i for i in pending if status[i] == RESUME]
+        if not pending or part == max_resubmits + 1:
+            break
+        for i in pending:
+            Path(f"{done}.{i}.part").write_text(str(part + 1))
+        print(f"{sys.argv[0]}: task(s) {', '.join(map(str, pending))} stopped before the time limit to continue: "
+              f"submitting them again", file=sys.stderr)
+    for i in tasks:
+        Path(f"{done}.{i}.part").unlink(missing_ok=True)
     failed = {i: rc for i, rc in status.items() if rc != 0}
     if failed:
         print(f"{sys.argv[0]}: {len(failed)} of {len(tasks)} task(s) of Slurm job {job_id} failed:", file=sys.stderr)
         for i, rc in failed.items():
-            why = f"exit status {rc}" if rc is not None else "no exit status (killed by Slurm: time or memory limit?)"
+            why = (f"exit status {rc}" if isinstance(rc, int) else
+                   f"still unfinished after {max_resubmits} resubmissions" if rc == RESUME else
+                   "no exit status (killed by Slurm: time or memory limit?)")
             where = f"{var}={i}: " if var else ""
             print(f"  {where}{why}, see {tasks[i][0]} and {qdir}/{name}.{i}.out", file=sys.stderr)
         return 1

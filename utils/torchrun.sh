@@ -5,14 +5,15 @@
 #
 # N = M = 1: plain `python`. One node: `torchrun --standalone`. M > 1 nodes: inside a Slurm
 # allocation of M nodes (cmd_backend=slurm, ${train_cmd} --num_nodes M), srun starts one torchrun
-# per node and they meet at the allocation's first node (c10d rendezvous, id = the Slurm job id).
-# The job's CPU threads (OMP_NUM_THREADS, else every CPU this process may use) are divided among
-# the processes of a node.
+# per node with the job's CPUs and GPUs of each node, and they meet at the allocation's first node
+# (c10d rendezvous, id = the Slurm job id, port derived from it unless given, so that two jobs
+# sharing a node do not collide). The job's CPU threads (OMP_NUM_THREADS, else every CPU this
+# process may use) are divided among the processes of a node.
 set -euo pipefail
 
 nproc_per_node=1
 nnodes=1
-master_port=29500
+master_port=""
 while [[ $# -gt 0 && "$1" == --* ]]; do
   case "$1" in
     --nproc_per_node) nproc_per_node=$2; shift 2 ;;
@@ -44,7 +45,11 @@ if [ "${SLURM_JOB_NUM_NODES:-1}" -ne "${nnodes}" ]; then
 fi
 head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
 head_addr=$(scontrol show node "${head_node}" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+master_port=${master_port:-$((20000 + SLURM_JOB_ID % 20000))}
+step_resources=()
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && step_resources+=(--cpus-per-task "${SLURM_CPUS_PER_TASK}")
+[ -n "${SLURM_GPUS_ON_NODE:-}" ] && step_resources+=(--gres "gpu:${SLURM_GPUS_ON_NODE}")
 echo "$0: ${nnodes} nodes x ${nproc_per_node} processes, rendezvous at ${head_addr:-${head_node}}:${master_port}" >&2
-exec srun --nodes "${nnodes}" --ntasks-per-node 1 --kill-on-bad-exit=1 \
+exec srun --nodes "${nnodes}" --ntasks-per-node 1 "${step_resources[@]}" --kill-on-bad-exit=1 \
   python -m torch.distributed.run --nnodes "${nnodes}" --nproc_per_node "${nproc_per_node}" \
   --rdzv_backend c10d --rdzv_endpoint "${head_addr:-${head_node}}:${master_port}" --rdzv_id "${SLURM_JOB_ID}" "$@"

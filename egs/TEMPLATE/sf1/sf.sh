@@ -32,14 +32,14 @@ llm_path=""          # overrides the config's name_or_path (a local copy of the 
 mode=all             # regular | reasoning | hybrid | cascade | all (all four)
 train_config=conf/train.yaml
 tag=""               # suffix of the experiment dir name
-ngpu=0               # GPUs per node (0: CPU)
+ngpu=0               # GPUs per training node, and 1 GPU per job of stages 1 and 4 when > 0 (0: CPU)
 num_nodes=1          # nodes of the training job (more than 1 needs cmd_backend=slurm)
 cpu_procs=1          # with --ngpu 0: training processes per node (gloo DDP)
+cpus_per_gpu=4       # with --ngpu > 0: CPUs per training process (its DataLoader workers)
 # Stage 4
 decode_batch_size=8
 num_beams=1
-max_new_tokens_regular=128
-max_new_tokens_reasoning=384
+max_new_tokens=0     # cap on generated tokens; 0: from the longest training target
 # Sets
 train_set=train
 valid_set=dev
@@ -90,6 +90,7 @@ c.pop('local_cache', None); yaml.safe_dump(c, open(sys.argv[3], 'w'), sort_keys=
 fi
 
 expdir_of() { echo "exp/${llm}_$1${tag:+_${tag}}"; }
+job_gpu=$((ngpu > 0 ? 1 : 0))  # GPUs per job of stages 1 and 4
 all_sets="${train_set} ${valid_set} ${test_sets}"
 mkdir -p exp
 stage_times=exp/stage_times.tsv
@@ -113,7 +114,7 @@ stage1() {
       "in ${nj} jobs -> dump/${dset}"
     local split=dump/${dset}/split${nj}
     rm -rf "${split}"
-    ${feats_cmd} JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
+    ${feats_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
       python -m speechllm.bin.dump_feats --data_dir "data/${dset}" --outdir "${split}" \
       --whisper "${whisper}" --asr "${asr}" --job JOB --nj "${nj}"
     cat "${split}"/feats.*.scp | sort > "dump/${dset}/feats.scp.tmp"
@@ -138,8 +139,9 @@ stage2() {
 
 stage3() {
   # processes per node: one per GPU, or --cpu_procs on CPU (each needs a CPU of the job)
-  local nproc_per_node=${ngpu} train_device=cuda train_threads=""
+  local nproc_per_node=${ngpu} train_device=cuda train_threads="--num_threads $((ngpu * cpus_per_gpu))"
   if [ "${ngpu}" -eq 0 ]; then
+    train_threads=""
     nproc_per_node=${cpu_procs} train_device=cpu
     [ "${cpu_procs}" -gt 1 ] && train_threads="--num_threads ${cpu_procs}"
   fi
@@ -162,13 +164,12 @@ stage3() {
   done
 }
 
-# decode targets of a mode: "<jsonl mode> <row mode filter> <max new tokens>"
+# decode targets of a mode: "<jsonl mode> <row mode filter>"
 decode_targets() {
   case "$1" in
-    regular|cascade) echo "$1 - ${max_new_tokens_regular}" ;;
-    reasoning) echo "reasoning - ${max_new_tokens_reasoning}" ;;
-    hybrid) echo "hybrid hybrid_no_think ${max_new_tokens_regular}"
-            echo "hybrid hybrid_think ${max_new_tokens_reasoning}" ;;
+    regular|cascade|reasoning) echo "$1 -" ;;
+    hybrid) echo "hybrid hybrid_no_think"
+            echo "hybrid hybrid_think" ;;
   esac
 }
 
@@ -178,17 +179,17 @@ stage4() {
     expdir=$(expdir_of "${m}")
     [ -f "${expdir}/model/speechllm.yaml" ] || { log "Error: ${expdir}/model missing: run stage 3 first"; exit 1; }
     for dset in ${test_sets}; do
-      while read -r jsonl_mode row_mode max_new; do
+      while read -r jsonl_mode row_mode; do
         local name=${row_mode/-/${m}}
         local ddir=${expdir}/decode_${dset}_${name}
         log "Stage 4: decoding dump/${dset}/${jsonl_mode}.jsonl (${name}) in ${nj} jobs -> ${ddir}"
         rm -rf "${ddir}/split${nj}"
         local filter=()
         [ "${row_mode}" != - ] && filter=(--mode "${row_mode}")
-        ${decode_cmd} JOB=1:"${nj}" "${ddir}/split${nj}/log/decode.JOB.log" \
+        ${decode_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${ddir}/split${nj}/log/decode.JOB.log" \
           python -m speechllm.bin.decode --model_dir "${expdir}/model" --jsonl "dump/${dset}/${jsonl_mode}.jsonl" \
           "${filter[@]}" --output "${ddir}/split${nj}/hyp.JOB.jsonl" --job JOB --nj "${nj}" \
-          --batch_size "${decode_batch_size}" --num_beams "${num_beams}" --max_new_tokens "${max_new}" \
+          --batch_size "${decode_batch_size}" --num_beams "${num_beams}" --max_new_tokens "${max_new_tokens}" \
           < /dev/null  # the loop reads its targets from stdin
         cat $(for j in $(seq 1 "${nj}"); do echo "${ddir}/split${nj}/hyp.${j}.jsonl"; done) > "${ddir}/hyp.jsonl.tmp"
         mv "${ddir}/hyp.jsonl.tmp" "${ddir}/hyp.jsonl"
@@ -203,7 +204,7 @@ stage5() {
     local expdir
     expdir=$(expdir_of "${m}")
     for dset in ${test_sets}; do
-      while read -r jsonl_mode row_mode _; do
+      while read -r jsonl_mode row_mode; do
         local name=${row_mode/-/${m}}
         local ddir=${expdir}/decode_${dset}_${name}
         local opts=()

@@ -5,6 +5,4 @@ whisper=conf/whisper/tiny_random.yaml
 llm=tiny_llama
 train_config=conf/train_mini.yaml
 context_source=reference   # the random encoder's ASR output is noise
-max_new_tokens_regular=64
-max_new_tokens_reasoning=160
 results_md=exp/RESULTS.md

@@ -1,4 +1,4 @@
-# CI-sized preset: the call-centre recipe's mini models and decoding limits (sourced, paths are
+# CI-sized preset: the call-centre recipe's mini models (sourced, paths are
 # relative to this recipe, so conf/train_mini.yaml is this recipe's), on a few SGD dialogues whose
 # test set has seen and unseen services.
 . ../../callcenter/sf1/conf/preset/mini.sh
