@@ -1,27 +1,53 @@
 """Stage 1, one job: frozen Whisper encoder outputs to ark/scp and Whisper ASR hypotheses.
 
 Job ``J`` of ``N`` takes the J-th contiguous chunk of the sorted ``wav.scp``; the recipe merges the
-per-job ``feats.J.scp``, ``text_asr.J`` and ``skipped.J`` files. Unusable turns (missing, corrupt,
-empty, over 30 s) are skipped, listed with the reason, and counted in the log.
+per-job ``feats.J.scp``, ``text_asr.J``, ``utt2num_frames.J`` and ``skipped.J`` files. Unusable turns
+(missing, corrupt, empty, over 30 s) are skipped, listed with the reason, and counted in the log.
+
+A job can be killed at any moment and rerun (same ``--outdir``, ``--job``, ``--nj``) without losing
+the keys it finished. Each finished key's matrix is appended to ``feats.J.ark.partial`` and flushed,
+then one JSON line is appended to ``progress.J.jsonl`` (wav path, scp offset, byte end of the
+matrix, frame count, ASR text; or the skip reason), whose first line holds the settings the outputs
+depend on (Whisper spec and config, ``asr``, ``feats_dtype``). A rerun keeps the records that are a
+prefix of the job's keys with unchanged wav paths, drops an unfinished last line, truncates the ark
+where the last kept matrix ends and continues, so every output is byte-for-byte that of an
+uninterrupted run. Other settings, a changed wav path or a changed key list restart the job from
+scratch with a warning: features of different runs are never mixed. The device is not a setting (a
+job may resume on another node; CPU and GPU outputs differ only by rounding).
+
+The final files are written from the records only once every key is done (each atomically, the ark
+renamed last). ``progress.J.jsonl`` stays beside them: a rerun of a completed job with the same
+settings, keys and wav paths does nothing; any difference redoes it.
+
+``--feats_dtype float16`` halves the disk. Kaldi's binary format has no half-precision matrix, so
+float16 matrices go through kaldiio's numpy writer (``NPY`` + ``.npy`` bytes), which
+``kaldiio.load_mat`` reads back as float16; ``.float()`` on them gives the stored values exactly.
+float32 matrices stay Kaldi binary ``FM`` matrices.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import kaldiio
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from speechllm.features import check_audio, encode, load_whisper_spec, transcribe
-from speechllm.io_utils import atomic_write, read_kaldi_map
+from speechllm.config import load_yaml_dataclass
+from speechllm.features import WhisperConfig, check_audio, encode, load_whisper, transcribe
+from speechllm.io_utils import InputError, atomic_write, read_kaldi_map
 from speechllm.logging_utils import setup_logging
 
 log = logging.getLogger(__name__)
+
+FEATS_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def job_slice(keys: list[str], job: int, nj: int) -> list[str]:
@@ -32,8 +58,111 @@ def job_slice(keys: list[str], job: int, nj: int) -> list[str]:
     return keys[start : start + size + (1 if job <= rest else 0)]
 
 
+def whisper_config(spec: str) -> WhisperConfig:
+    """The :class:`WhisperConfig` of a YAML file or a Whisper name / checkpoint path, without loading weights."""
+    return load_yaml_dataclass(spec, WhisperConfig) if spec.endswith((".yaml", ".yml")) else WhisperConfig(spec)
+
+
+def read_progress(path: Path) -> tuple[dict | None, list[dict]]:
+    """The settings line and the key records of a progress file (``None, []`` if there is none).
+
+    A kill can leave the last line unfinished (no newline yet); it is dropped. Any other bad line
+    raises :class:`InputError` naming it.
+    """
+    if not path.exists():
+        return None, []
+    lines = path.read_bytes().split(b"\n")[:-1]  # the last piece is empty or an unfinished line
+    objects = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            objects.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(f"{path}:{lineno}: malformed progress line {line[:80]!r}") from None
+    return (objects[0], objects[1:]) if objects else (None, [])
+
+
+def reusable_records(progress: Path, ark: Path, settings: dict, keys: list[str],
+                     wav_scp: dict[str, str]) -> tuple[list[dict], str | None]:
+    """The records of an earlier run of this job that this run can keep, or why it must start over."""
+    try:
+        old, records = read_progress(progress)
+    except InputError as e:
+        return [], str(e)
+    if old is None:
+        return [], None
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+    if changed:
+        return [], f"{progress} was written with other settings ({'; '.join(changed)})"
+    if len(records) > len(keys):
+        return [], f"{progress} has {len(records)} records, but the job has only {len(keys)} keys"
+    for lineno, (record, key) in enumerate(zip(records, keys), 2):
+        if record.get("key") != key:
+            return [], f"{progress}:{lineno}: key {record.get('key')!r}, expected {key!r} (wav.scp or nj changed)"
+        if record.get("wav") != wav_scp[key]:
+            return [], f"{progress}:{lineno}: the wav of {key} changed ({record.get('wav')} -> {wav_scp[key]})"
+    size = ark.stat().st_size if ark.exists() else 0
+    if records and records[-1]["end"] > size:
+        return [], f"{ark} has {size} bytes, but {progress} says {records[-1]['end']} were written"
+    return records, None
+
+
+class JobFiles:
+    """Job ``job``'s files in ``outdir``: the outputs the recipe merges, and the state a rerun resumes from."""
+
+    def __init__(self, outdir: Path, job: int) -> None:
+        self.ark, self.scp = outdir / f"feats.{job}.ark", outdir / f"feats.{job}.scp"
+        self.partial, self.progress = Path(f"{self.ark}.partial"), outdir / f"progress.{job}.jsonl"
+        self.lists = {name: outdir / f"{name}.{job}" for name in ("text_asr", "utt2num_frames", "skipped")}
+
+
+def records_to_keep(files: JobFiles, settings: dict, keys: list[str], wav_scp: dict[str, str],
+                    job_name: str) -> list[dict] | None:
+    """The records of an earlier run to continue from (logged), or ``None`` when the job is already complete."""
+    complete = files.ark.exists() and not files.partial.exists()
+    records, reason = reusable_records(files.progress, files.ark if complete else files.partial, settings, keys,
+                                       wav_scp)
+    if complete:
+        if reason is None and files.progress.exists() and len(records) == len(keys):
+            log.info("%s: already complete with the same settings, keys and wav paths: nothing to do", job_name)
+            return None
+        if reason is None:
+            reason = (f"{files.ark} has no {files.progress.name} to check it against" if not files.progress.exists()
+                      else f"it completed with {len(records)} keys, the job has {len(keys)} now")
+        log.warning("%s: redoing the completed job: %s", job_name, reason)
+        return []
+    if reason is not None:
+        log.warning("%s: restarting from scratch: %s", job_name, reason)
+    elif records:
+        log.info("%s: resuming, %d of %d keys already done", job_name, len(records), len(keys))
+    return records
+
+
+def start_from(files: JobFiles, settings: dict, records: list[dict]) -> int:
+    """Remove the final files (they appear only when the job completes), rewrite the progress file with
+    the kept records (dropping an unfinished line), then cut the ark back to where their last matrix
+    ends; return that offset."""
+    for path in (files.scp, *files.lists.values(), files.ark):
+        path.unlink(missing_ok=True)
+    with atomic_write(files.progress) as f:
+        f.writelines(json.dumps(obj) + "\n" for obj in [settings, *records])
+    end = records[-1]["end"] if records else 0
+    with open(files.partial, "ab") as f:
+        f.truncate(end)
+    return end
+
+
+def write_outputs(files: JobFiles, records: list[dict]) -> None:
+    """The files the recipe merges, from the records; the ark is renamed last, marking the job complete."""
+    with atomic_write(files.scp) as f:
+        f.writelines(f"{r['key']} {files.ark}:{r['offset']}\n" for r in records if "offset" in r)
+    for name, field in (("text_asr", "text"), ("utt2num_frames", "frames"), ("skipped", "skipped")):
+        with atomic_write(files.lists[name]) as f:
+            f.writelines(f"{r['key']} {r[field]}\n" for r in records if field in r)
+    os.replace(files.partial, files.ark)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", type=Path, required=True)
     parser.add_argument("--outdir", type=Path, required=True, help="where feats.J.{ark,scp}, text_asr.J go")
     parser.add_argument("--whisper", required=True, help="Whisper name, checkpoint path or YAML config")
@@ -41,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nj", type=int, default=1)
     parser.add_argument("--asr", type=lambda s: s.lower() == "true", default=True,
                         help="also write Whisper ASR hypotheses (true/false)")
+    parser.add_argument("--feats_dtype", choices=sorted(FEATS_DTYPES), default="float32",
+                        help="stored precision of the features (float16: half the disk)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     setup_logging()
@@ -48,42 +179,51 @@ def main(argv: list[str] | None = None) -> None:
 
     wav_scp = read_kaldi_map(args.data_dir / "wav.scp")
     keys = job_slice(list(wav_scp), args.job, args.nj)
-    model, cfg = load_whisper_spec(args.whisper, args.device)
+    cfg = whisper_config(args.whisper)
+    # download_root only says where weights are cached: it changes no output
+    settings = {"whisper": args.whisper, "asr": args.asr, "feats_dtype": args.feats_dtype,
+                "whisper_config": {k: v for k, v in asdict(cfg).items() if k != "download_root"}}
+    settings = json.loads(json.dumps(settings))  # as an earlier run's settings read back from JSON
+    job_name = f"job {args.job}/{args.nj}"
     args.outdir.mkdir(parents=True, exist_ok=True)
-    ark, scp = args.outdir / f"feats.{args.job}.ark", args.outdir / f"feats.{args.job}.scp"
-    skipped: dict[str, str] = {}
-    hyps: dict[str, str] = {}
-    num_frames: dict[str, int] = {}
-    audio_seconds, start = 0.0, time.time()
-    with kaldiio.WriteHelper(f"ark,scp:{ark}.partial,{scp}.partial") as writer:
-        for key in tqdm(keys, desc=f"dump job {args.job}/{args.nj}", unit="utt"):
+    files = JobFiles(args.outdir, args.job)
+    records = records_to_keep(files, settings, keys, wav_scp, job_name)
+    if records is None:
+        return
+    end = start_from(files, settings, records)
+
+    model = load_whisper(cfg, args.device)
+    dtype = FEATS_DTYPES[args.feats_dtype]
+    write_function = "numpy" if dtype == np.float16 else None  # Kaldi binary matrices are float32/64 only
+    audio_seconds, n_encoded, start = 0.0, 0, time.time()
+    with open(files.partial, "r+b") as ark, open(files.progress, "a", encoding="utf-8") as progress:
+        ark.seek(end)
+        for key in tqdm(keys[len(records):], desc=f"dump {job_name}", unit="utt", initial=len(records),
+                        total=len(keys)):
+            record = {"key": key, "wav": wav_scp[key]}
             audio, reason = check_audio(wav_scp[key])
             if audio is None:
-                skipped[key] = reason
                 log.warning("skipping %s (%s): %s", key, wav_scp[key], reason)
-                continue
-            audio_seconds += len(audio) / 16000
-            feats = encode(model, audio, cfg.pad_30s)
-            writer(key, feats)
-            num_frames[key] = len(feats)
-            if args.asr:
-                hyps[key] = transcribe(model, audio, cfg.asr_max_tokens)
-    # the scp names the ark it indexes: rewrite it for the final ark name, then publish both
-    with open(f"{scp}.partial", encoding="utf-8") as f, atomic_write(scp) as out:
-        for line in f:
-            key, loc = line.rstrip("\n").split(" ", 1)
-            out.write(f"{key} {loc.replace(f'{ark}.partial', str(ark))}\n")
-    os.replace(f"{ark}.partial", ark)
-    os.remove(f"{scp}.partial")
-    with atomic_write(args.outdir / f"text_asr.{args.job}") as f:
-        f.writelines(f"{k} {hyps[k]}\n" for k in sorted(hyps))
-    with atomic_write(args.outdir / f"utt2num_frames.{args.job}") as f:
-        f.writelines(f"{k} {num_frames[k]}\n" for k in sorted(num_frames))
-    with atomic_write(args.outdir / f"skipped.{args.job}") as f:
-        f.writelines(f"{k} {skipped[k]}\n" for k in sorted(skipped))
+                record["skipped"] = reason
+            else:
+                feats = encode(model, audio, cfg.pad_30s).astype(dtype)
+                if args.asr:
+                    record["text"] = transcribe(model, audio, cfg.asr_max_tokens)
+                record["offset"] = ark.tell() + len(f"{key} ".encode())  # the matrix follows "key "
+                kaldiio.save_ark(ark, {key: feats}, write_function=write_function)
+                ark.flush()  # the matrix is in the ark before its record claims it
+                record["frames"] = len(feats)
+                audio_seconds += len(audio) / 16000
+                n_encoded += 1
+            record["end"] = ark.tell()
+            progress.write(json.dumps(record) + "\n")
+            progress.flush()
+            records.append(record)
+    write_outputs(files, records)
+    n_skipped = sum("skipped" in r for r in records)
     elapsed = time.time() - start
-    log.info("job %d/%d: %d utterances encoded, %d skipped, %.1f s audio in %.1f s (RTF %.3f)",
-             args.job, args.nj, len(keys) - len(skipped), len(skipped), audio_seconds, elapsed,
+    log.info("%s: %d utterances encoded (%d in this run), %d skipped, %.1f s audio in %.1f s (RTF %.3f)",
+             job_name, len(records) - n_skipped, n_encoded, n_skipped, audio_seconds, elapsed,
              elapsed / max(audio_seconds, 1e-9))
 
 

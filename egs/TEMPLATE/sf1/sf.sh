@@ -23,6 +23,7 @@ local_data_opts=""   # passed to local/data.sh
 # Stage 1
 whisper=base         # Whisper size name, checkpoint path, or conf/whisper/*.yaml
 asr=true             # also decode Whisper ASR hypotheses (context and the cascade)
+feats_dtype=float32  # float32 | float16 (half the disk; read back unchanged)
 # Stage 2
 context_source=asr   # asr | reference
 query_prob=0.5
@@ -112,15 +113,14 @@ stage1() {
   for dset in ${all_sets}; do
     log "Stage 1: Whisper (${whisper}) features$([ "${asr}" = true ] && echo " and ASR") of data/${dset}" \
       "in ${nj} jobs -> dump/${dset}"
-    local split=dump/${dset}/split${nj}
-    rm -rf "${split}"
+    local split=dump/${dset}/split${nj}  # a job run again skips the turns it has (see dump_feats.py)
     ${feats_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
       python -m speechllm.bin.dump_feats --data_dir "data/${dset}" --outdir "${split}" \
-      --whisper "${whisper}" --asr "${asr}" --job JOB --nj "${nj}"
-    cat "${split}"/feats.*.scp | sort > "dump/${dset}/feats.scp.tmp"
+      --whisper "${whisper}" --asr "${asr}" --feats_dtype "${feats_dtype}" --job JOB --nj "${nj}"
+    for j in $(seq 1 "${nj}"); do cat "${split}/feats.${j}.scp"; done | sort > "dump/${dset}/feats.scp.tmp"
     mv "dump/${dset}/feats.scp.tmp" "dump/${dset}/feats.scp"
     for f in text_asr utt2num_frames skipped; do
-      cat "${split}/${f}".* | sort > "dump/${dset}/${f}.tmp"
+      for j in $(seq 1 "${nj}"); do cat "${split}/${f}.${j}"; done | sort > "dump/${dset}/${f}.tmp"
       mv "dump/${dset}/${f}.tmp" "dump/${dset}/${f}"
     done
     local n_skipped
