@@ -25,6 +25,8 @@ setup(
             "speechllm-transcribe=speechllm.bin.transcribe:main",
             "speechllm-infer=speechllm.bin.infer:main",
             "speechllm-install-models=speechllm.pretrained:main",
+            "speechllm-bench=speechllm.bin.bench:main",
+            "speechllm-memory=speechllm.bin.memory:main",
         ]
     },
 )

@@ -1,0 +1,141 @@
+"""Benchmarks whose numbers the docs quote; each writes its results under a key of ``bench.json``.
+
+``startup``: what stage 3 costs before its first step at the paper's scale, without audio. A
+stage-2 file of ``--rows`` text-only rows shaped like hybrid-mode rows (a prompt with context, a
+direct or a reasoning answer) is generated; it is tokenised once (rank 0's one-time cost), then a
+fresh process per size measures what every rank pays: opening the memory-mapped set, the Trainer
+(lengths, optimizer), the epoch's batch plan, and the first batch from the DataLoader, in seconds
+and in resident memory on top of the loaded model.
+
+    python -m speechllm.bin.bench startup --rows 100000 1000000 --workdir /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from speechllm.config import load_yaml
+from speechllm.logging_utils import setup_logging
+
+log = logging.getLogger(__name__)
+
+WORDS = ("card payment limit account balance thirty dollars monthly statement Maria Garcia please raise "
+         "the my to for on a twenty five hundred thousand new address street number phone yes no "
+         "thank you can I help with anything else date March fourth").split()
+
+
+def generate_rows(path: Path, rows: int, seed: int = 0) -> None:
+    """Text-only stage-2 rows: half direct answers, half reasoning traces (hybrid mode's two kinds)."""
+    rng = random.Random(seed)
+    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            slots = {f"slot_{k}": words(rng.randint(1, 3)) for k in range(rng.randint(0, 3))}
+            answer = json.dumps(slots)
+            think = i % 2 == 1
+            target = f"<think>{words(rng.randint(40, 120))}</think>{answer}" if think else answer
+            prompt = (f"Previous turns: {words(rng.randint(10, 80))}\nCurrent turn: {words(rng.randint(5, 40))}\n"
+                      f"Find all slot values. Format the output as JSON. {'/think' if think else '/no_think'}")
+            f.write(json.dumps({"id": f"r{i:08d}", "utt_id": f"u{i // 2:08d}", "feats": None, "prompt": prompt,
+                                "target": target, "slots": slots, "mode": "hybrid", "n_frames": 0}) + "\n")
+
+
+def load_text_model(llm_config: Path):
+    """The speech LLM without an adapter (text-only rows), as stage 3 builds it."""
+    from speechllm.model.builder import ModelSpec, build_speechllm
+
+    return build_speechllm(ModelSpec(llm=load_yaml(llm_config), feat_dim=0))
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def rank_startup(tokens: Path, llm_config: Path) -> dict:
+    """What one rank pays before its first step (run in a fresh process). Every rank plans the same
+    global batches and takes its share, so one process without a process group measures it."""
+    from speechllm.data import TokenizedSet
+    from speechllm.model.builder import ModelSpec
+    from speechllm.train import TrainConfig, Trainer
+
+    model = load_text_model(llm_config)
+    before = rss_mb()
+    start = time.time()
+    cfg = TrainConfig(batch_size=4, effective_batch=128, num_workers=2)
+    trainer = Trainer(model, ModelSpec(llm={}, feat_dim=0), cfg, TokenizedSet(tokens), None, tokens.parent)
+    batches = trainer.epoch_batches()
+    encoded, _ = next(iter(trainer.loader(batches)))
+    return {"rank_startup_s": round(time.time() - start, 2), "rank_rss_mb": round(rss_mb() - before, 1),
+            "first_batch_rows": len(encoded), "batches_per_epoch": len(batches)}
+
+
+def startup(args: argparse.Namespace) -> dict:
+    from speechllm.train import tokenized
+
+    model = load_text_model(args.llm_config)
+    results = []
+    for rows in args.rows:
+        jsonl = args.workdir / f"rows{rows}.jsonl"
+        if not jsonl.exists():
+            log.info("generating %d rows in %s", rows, jsonl)
+            generate_rows(jsonl, rows)
+        tokens = args.workdir / f"tokens{rows}"
+        shutil.rmtree(tokens, ignore_errors=True)  # time the tokenisation itself, not its reuse
+        start = time.time()
+        tokenized(model, jsonl, tokens)
+        tokenise_s = time.time() - start
+        meta = json.loads((tokens / "meta.json").read_text())
+        proc = subprocess.run([sys.executable, "-m", "speechllm.bin.bench", "rank", "--tokens", str(tokens),
+                               "--llm_config", str(args.llm_config)],
+                              capture_output=True, text=True, check=True)
+        rank = json.loads(proc.stdout.strip().splitlines()[-1])
+        disk = sum(f.stat().st_size for f in tokens.iterdir())
+        results.append({"rows": rows, "tokens": meta["tokens"], "tokenise_once_s": round(tokenise_s, 1),
+                        "tokenised_disk_mb": round(disk / 2**20, 1), **rank})
+        log.info("%d rows: %s", rows, results[-1])
+    return {"what": "stage 3 before its first step: tokenising once (rank 0), then per rank", "date": str(date.today()),
+            "llm_config": str(args.llm_config), "machine": platform.machine(),
+            "cpus": torch.get_num_threads(), "sizes": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("startup", help="training start-up at up to a million rows")
+    p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--workdir", type=Path, required=True, help="where the generated rows and tokens go")
+    p.add_argument("--llm_config", type=Path, default=Path("egs/callcenter/sf1/conf/llm/smollm2_135m.yaml"))
+    p.add_argument("--output", type=Path, default=Path("bench.json"))
+    r = sub.add_parser("rank", help="(internal) one rank's start-up, in a fresh process")
+    r.add_argument("--tokens", type=Path, required=True)
+    r.add_argument("--llm_config", type=Path, required=True)
+    args = parser.parse_args(argv)
+    setup_logging(logging.WARNING if args.bench == "rank" else logging.INFO)
+    if args.bench == "rank":
+        print(json.dumps(rank_startup(args.tokens, args.llm_config)))
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    result = startup(args)
+    data = json.loads(args.output.read_text()) if args.output.exists() else {}
+    data[args.bench] = result
+    args.output.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    log.info("wrote %s[%r]", args.output, args.bench)
+
+
+if __name__ == "__main__":
+    main()
