@@ -116,7 +116,12 @@ class TokenizedSet(torch.utils.data.Dataset):
 
     def example(self, i: int) -> Example:
         if self._file is None or self._file[0] != os.getpid():
-            self._file = (os.getpid(), open(self.meta["source"], "rb"))
+            f = open(self.meta["source"], "rb")
+            stat = os.fstat(f.fileno())
+            if (stat.st_size, stat.st_mtime_ns) != (self.meta["size"], self.meta["mtime_ns"]):
+                raise InputError(f"{self.meta['source']} changed after it was tokenised into {self.dir}: "
+                                 "its rows no longer match the tokens (run stage 3 again: it tokenises anew)")
+            self._file = (os.getpid(), f)
         f = self._file[1]
         f.seek(int(self.index[i, OFFSET]))
         return to_example(json.loads(f.readline()), f"{self.meta['source']} (byte {self.index[i, OFFSET]})")
@@ -148,6 +153,8 @@ def tokenize_once(jsonl: str | Path, directory: str | Path, tokenize: TokenizeFn
     Rows stream through in chunks, so memory stays flat however long the file is.
     """
     jsonl, directory = Path(jsonl), Path(directory)
+    if not jsonl.is_file():
+        raise InputError(f"{jsonl} not found (stage 2 writes it)")
     stamp = source_stamp(jsonl, tokenizer_fingerprint, limit)
     meta_file = directory / "meta.json"
     if meta_file.exists():

@@ -42,7 +42,7 @@ from speechllm.data import (Example, TokenizedSet, bucketed_batches, collate, fi
                             load_feats, tokenize_once)
 from speechllm.decode import decode_examples, new_token_cap
 from speechllm.distributed import World
-from speechllm.io_utils import atomic_write
+from speechllm.io_utils import InputError, atomic_write
 from speechllm.metrics import score_corpus
 from speechllm.model.builder import ModelSpec, build_speechllm, save_model
 from speechllm.model.ctc_head import CTCEmbeddingHead, token_vocab
@@ -161,13 +161,14 @@ STOP_MARGIN_S = 120
 class Trainer:
     def __init__(self, model: SpeechLLM, spec: ModelSpec, cfg: TrainConfig, train: TokenizedSet,
                  valid: TokenizedSet | None, outdir: Path, base_path: Path | None = None,
-                 world: World = World(), stop_at: float | None = None) -> None:
-        """``stop_at`` (a Unix time: the job's end) makes :meth:`train` checkpoint and raise
-        :class:`TimeLimit` while there is still time to, rather than be killed mid-step."""
+                 world: World = World(), stop_at: float | None = None, resume_flag: Path | None = None) -> None:
+        """``stop_at`` (a Unix time: the job's end) makes :meth:`train` checkpoint, create ``resume_flag``
+        and raise :class:`TimeLimit` while there is still time to, rather than be killed mid-step."""
         if cfg.effective_batch is not None:
             cfg = dataclasses.replace(cfg, grad_accum=accumulation_for(cfg, world.size))
         self.model, self.spec, self.cfg, self.world = model, spec, cfg, world
-        self.outdir, self.base_path, self.stop_at = outdir, base_path, stop_at
+        self.outdir, self.base_path, self.stop_at, self.resume_flag = outdir, base_path, stop_at, resume_flag
+        self.stopped_idle_before = False  # the checkpoint resumed from was a time-limit stop without a step
         self.train_set, self.valid_set = train, valid
         self.lengths = train.lengths(cfg.stack).tolist()
         spec.max_target_tokens = int(train.n_target.max())
@@ -252,13 +253,16 @@ class Trainer:
         return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, stopped_idle: bool = False) -> None:
         ckpt = self.outdir / "checkpoints" / f"step_{self.step:07d}"
         tmp = ckpt.with_name(ckpt.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
+        # the batch position only means something for the same global batch and accumulation
+        position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                    "global_batch": self.global_batch, "grad_accum": self.cfg.grad_accum,
+                    "stopped_idle": stopped_idle}
         torch.save({"trainable": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                    "position": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}},
+                    "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "position": position},
                    tmp / "state.pt")
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
@@ -273,12 +277,18 @@ class Trainer:
         missing = set(self.trainable_state()) - set(state["trainable"])
         if missing:
             raise RuntimeError(f"{ckpts[-1]} does not match this model (missing {sorted(missing)[:3]}...)")
+        pos = state["position"]
+        saved = (pos.get("global_batch", self.global_batch), pos.get("grad_accum", self.cfg.grad_accum))
+        if saved != (self.global_batch, self.cfg.grad_accum):
+            raise RuntimeError(f"{ckpts[-1]} was trained with global batch {saved[0]} x accumulation {saved[1]}, "
+                               f"this run has {self.global_batch} x {self.cfg.grad_accum} (other --ngpu or "
+                               "batch_size?): resume with the same, or train into a new experiment dir")
         self.model.load_state_dict(state["trainable"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        pos = state["position"]
         self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+        self.stopped_idle_before = pos.get("stopped_idle", False)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpts[-1], self.step, self.epoch,
                  self.batch_in_epoch)
 
@@ -347,10 +357,16 @@ class Trainer:
             self.model.ctc_head.load_state_dict(torch.load(head_file, map_location=self.world.device))
         log.info("alignment phase done: adapter loaded from %s", done)
 
-    def stop_for_time_limit(self, writer) -> None:
+    def stop_for_time_limit(self, writer, idle: bool) -> None:
+        """Checkpoint, flag the job to be run again, and raise :class:`TimeLimit` on every rank."""
+        if idle and self.stopped_idle_before:
+            raise RuntimeError(f"two jobs in a row reached their time limit before a training step (at step "
+                               f"{self.step}): give the job more time than {STOP_MARGIN_S} s plus one step")
         if self.world.is_main:
-            self.save_checkpoint()
+            self.save_checkpoint(stopped_idle=idle)
             writer.close()
+            if self.resume_flag is not None:
+                self.resume_flag.touch()
         self.world.barrier()
         log.warning("stopping at step %d of %d before the job's time limit; the checkpoint is saved: "
                     "run again to continue", self.step, self.total_steps)
@@ -390,17 +406,18 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not main)
         window_loss, window_ctc, window_n = 0.0, 0.0, 0
         out_of_time = False
-        slowest_step = 0.0
+        first_step, slowest, last_check = self.step, 0.0, time.time()
         while self.step < self.total_steps and not out_of_time:
             batches = self.epoch_batches()
             micro = iter(self.loader(batches[self.batch_in_epoch :]))
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not out_of_time:
-                if self.stop_at is not None and world.any(time.time() + slowest_step + STOP_MARGIN_S > self.stop_at):
-                    self.stop_for_time_limit(writer)
-                step_start = time.time()
+                # the slowest stretch between two checks: a step, with any evaluation that followed it
+                now = time.time()
+                slowest, last_check = max(slowest, now - last_check) if self.step > first_step else 0.0, now
+                if self.stop_at is not None and world.any(now + slowest + STOP_MARGIN_S > self.stop_at):
+                    self.stop_for_time_limit(writer, idle=self.step == first_step)
                 group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.grad_accum]
                 loss, ctc = self.train_step(group, [next(micro) for _ in group])
-                slowest_step = max(slowest_step, time.time() - step_start)
                 window_loss, window_ctc, window_n = window_loss + loss, window_ctc + ctc, window_n + 1
                 self.batch_in_epoch += len(group)
                 self.step += 1
@@ -487,8 +504,12 @@ def new_ctc_head(model: SpeechLLM, cfg: TrainConfig, transcripts: list[str]) -> 
 
 def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, valid_jsonl: Path | None,
                     outdir: Path, whisper: str | None = None, mode: str | None = None,
-                    world: World = World(), stop_at: float | None = None) -> SpeechLLM:
+                    world: World = World(), stop_at: float | None = None,
+                    resume_flag: Path | None = None) -> SpeechLLM:
     """Build the model (and a tiny base LLM when the config asks for one), tokenise the data, train."""
+    for path in (train_jsonl, valid_jsonl):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{path} not found (stage 2 writes it)")
     outdir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     llm_cfg = from_dict(LLMConfig, llm_cfg_dict, "llm config")
@@ -499,7 +520,10 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, val
             texts = [t for _, e in iter_examples(train_jsonl) for t in (e.prompt, e.target, e.text)]
             build_tiny(llm_cfg, texts, base_path)
         world.barrier()
-    feats = load_feats(next(iter_examples(train_jsonl))[1])
+    first = next(iter_examples(train_jsonl), None)
+    if first is None:
+        raise InputError(f"{train_jsonl}: no examples")
+    feats = load_feats(first[1])
     feat_dim = 0 if feats is None else feats.shape[1]  # 0: text-only (cascade) examples
     audio_input = cfg.audio_input if feat_dim else "adapter"  # a text-only model reads text
     spec = ModelSpec(llm=llm_cfg_dict, feat_dim=feat_dim, adapter_hidden=cfg.adapter_hidden,
@@ -510,6 +534,6 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, val
     train = tokenized(model, train_jsonl, outdir / "tokens" / "train", world)
     valid = None if valid_jsonl is None else \
         tokenized(model, valid_jsonl, outdir / "tokens" / "valid", world, cfg.valid_max_examples)
-    trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world, stop_at)
+    trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world, stop_at, resume_flag)
     trainer.train()
     return model

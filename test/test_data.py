@@ -50,6 +50,8 @@ def test_tokenised_rows_are_reused_until_the_file_or_the_tokenizer_changes(tmp_p
 
     lines = jsonl.read_text().splitlines()
     jsonl.write_text("\n".join(lines[:4]) + "\n")  # the stage-2 file was redone
+    with pytest.raises(InputError, match="changed after it was tokenised"):
+        TokenizedSet(directory).example(0)  # a set opened on the old tokens never pairs them with new rows
     assert len(tokenized(model, jsonl, directory)) == 4
 
     model.formatter.cfg.system_prompt = "You fill slots."  # another prompt rendering: other ids

@@ -2,6 +2,7 @@
 weights (and log the same losses) as 1 process with the whole batch."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,10 @@ def make_rows(n: int) -> list[dict]:
     return rows
 
 
-def train(tmp_path: Path, name: str, nproc: int, batch_size: int, jsonl: Path) -> Path:
+def train(tmp_path: Path, name: str, nproc: int, batch_size: int, jsonl: Path, env: dict | None = None,
+          returncode: int = 0) -> Path:
     outdir = tmp_path / name
-    outdir.mkdir()
+    outdir.mkdir(exist_ok=True)
     llm = tiny_llm_dict(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"})
     (outdir / "llm.yaml").write_text(yaml.safe_dump(llm))
     (outdir / "train.yaml").write_text(yaml.safe_dump({
@@ -41,8 +43,8 @@ def train(tmp_path: Path, name: str, nproc: int, batch_size: int, jsonl: Path) -
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = launcher + module if nproc > 1 else [sys.executable] + module
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert (proc.returncode == 0) == (returncode == 0), proc.stderr[-4000:]
     return outdir
 
 
@@ -77,3 +79,18 @@ def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
     assert max_diff(trainable(half), trainable(single)) > 1e-3
     # rank 0 alone wrote the learning curve (one line per evaluation, not one per process)
     assert len((ddp / "curve.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_processes_stopped_for_the_time_limit_flag_the_job_and_resume(tmp_path):
+    jsonl = write_examples(tmp_path, make_rows(16))
+    whole = train(tmp_path, "whole", nproc=2, batch_size=2, jsonl=jsonl)
+    flag = tmp_path / "resume.flag"
+    # the job's end has passed: both ranks stop before their first step, rank 0 checkpoints and flags
+    stopped = train(tmp_path, "stopped", nproc=2, batch_size=2, jsonl=jsonl, returncode=1,
+                    env={"JOB_END_TIME": "0", "JOB_RESUME_FLAG": str(flag)})
+    assert flag.exists() and not (stopped / "model").exists()
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step_0000000"]
+    train(tmp_path, "stopped", nproc=2, batch_size=2, jsonl=jsonl)  # the next job, with time
+    assert max_diff(trainable(stopped), trainable(whole)) < 1e-6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -160,8 +161,9 @@ def test_killed_job_resumes_where_it_stopped(data_dir, reference, tmp_path, monk
 
 @pytest.mark.parametrize(("change", "reason"), [("whisper spec", "whisper '"), ("whisper config", "whisper_config {"),
                                                ("feats_dtype", "feats_dtype 'float16' -> 'float32'"),
-                                               ("wav path", "the wav of utt01 changed")],
-                         ids=["whisper spec", "whisper config", "feats_dtype", "wav path"])
+                                               ("wav path", "the wav of utt01 changed"),
+                                               ("wav rewritten", "utt01.wav was rewritten since utt01 was dumped")],
+                         ids=["whisper spec", "whisper config", "feats_dtype", "wav path", "wav rewritten"])
 def test_rerun_with_other_settings_or_wavs_restarts_from_scratch(change, reason, data_dir, reference, tmp_path,
                                                                  monkeypatch, caplog):
     outdir, whisper = tmp_path / "dump", tmp_path / "whisper.yaml"
@@ -175,7 +177,7 @@ def test_rerun_with_other_settings_or_wavs_restarts_from_scratch(change, reason,
         first_whisper = whisper
     elif change == "feats_dtype":
         first_flags = ["--feats_dtype", "float16"]
-    else:  # the first run read utt01 from another file (same audio)
+    else:  # the first run read utt01 from another file (same audio), or from the same path rewritten since
         first_data = tmp_path / "data"
         first_data.mkdir()
         shutil.copy(data_dir / "utt01.wav", first_data / "utt01.wav")
@@ -188,10 +190,14 @@ def test_rerun_with_other_settings_or_wavs_restarts_from_scratch(change, reason,
     assert complete_records(outdir / "progress.1.jsonl") == 7  # 6 turns and an empty one
     if change == "whisper config":
         shutil.copy(WHISPER, whisper)
+    if change == "wav rewritten":
+        stat = (first_data / "utt01.wav").stat()
+        os.utime(first_data / "utt01.wav", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
 
     caplog.set_level(logging.INFO)
     calls = count_encodes(monkeypatch, outdir)
-    dump(data_dir, outdir, whisper=whisper if change == "whisper config" else WHISPER)
+    dump(first_data if change == "wav rewritten" else data_dir, outdir,
+         whisper=whisper if change == "whisper config" else WHISPER)
     assert "job 1/1: restarting from scratch: " in caplog.text and reason in caplog.text
     assert "resuming" not in caplog.text
     assert len(calls) == N_KEYS - len(SKIPPED)

@@ -31,8 +31,11 @@ print("4242")
 
 
 def test_local_jobs_get_gpus_of_their_own(tmp_path):
-    # 6 jobs of one GPU each on 4 GPUs: never two running jobs on one GPU
-    script = "echo $CUDA_VISIBLE_DEVICES $(date +%s.%N); sleep 0.4; date +%s.%N"
+    # 6 jobs of one GPU each on 4 GPUs: never two running jobs on one GPU. Each job waits until 4 have
+    # started (at most 20 s), so the first four surely run at once however slow the machine is.
+    script = ("echo $CUDA_VISIBLE_DEVICES $(date +%s.%N); touch started.JOB; "
+              "for t in $(seq 200); do [ $(ls started.* | wc -l) -ge 4 ] && break; sleep 0.1; done; "
+              "sleep 0.2; date +%s.%N")
     proc = subprocess.run([str(REPO / "utils" / "run_local.sh"), "--gpu", "1", "--max_jobs_run", "6", "JOB=1:6",
                            "log/job.JOB.log", "bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1,2,3"})

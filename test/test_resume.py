@@ -86,3 +86,23 @@ def test_a_run_stopped_for_the_time_limit_resumes_to_the_uninterrupted_weights(t
     a, b = whole.trainable_state(), resumed.trainable_state()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_jobs_that_never_get_to_a_step_are_not_run_again_forever(tmp_path):
+    first = fresh_trainer(tmp_path, "idle")
+    first.stop_at, first.resume_flag = 0.0, tmp_path / "resume.flag"
+    with pytest.raises(TimeLimit):  # one job may spend its time before the first step (tokenising, say)
+        first.train()
+    assert first.resume_flag.exists()
+    second = fresh_trainer(tmp_path, "idle")
+    second.stop_at = 0.0
+    with pytest.raises(RuntimeError, match="two jobs in a row reached their time limit before a training step"):
+        second.train()
+
+
+def test_a_checkpoint_of_another_global_batch_is_refused(tmp_path):
+    fresh_trainer(tmp_path, "run").train()
+    other = fresh_trainer(tmp_path, "run")
+    other.global_batch *= 2  # as with twice the processes
+    with pytest.raises(RuntimeError, match="global batch 2 x accumulation 2, this run has 4 x 2"):
+        other.train()

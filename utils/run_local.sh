@@ -95,6 +95,7 @@ for ((i = first; i <= last; i++)); do
   devices="" slot=""
   if [ "$gpu" -gt 0 ]; then
     slot=$(free_slot)
+    [ -n "$slot" ] || { echo "$0: no free GPU slot for job $i (internal error)" >&2; exit 1; }
     devices=${slot_gpus[slot]}
   fi
   run_one "$i" "$this_log" "$this_cmd" "$devices" &

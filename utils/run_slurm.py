@@ -119,8 +119,13 @@ esac
 mkdir -p "$(dirname "$log")"
 export JOB_RESUME_FLAG="{done}.$i.resume"
 rm -f "$JOB_RESUME_FLAG"
-end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)
-JOB_END_TIME=$(date -d "$end" +%s 2>/dev/null) && export JOB_END_TIME || unset JOB_END_TIME
+# this task's end (not the array's: its first task may carry the array's own id); none if unknown
+end=$(squeue -h -j "${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}${{SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}}" -o %e \
+  2>/dev/null | head -n 1)
+unset JOB_END_TIME
+if [[ "$end" =~ ^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}T ]] && JOB_END_TIME=$(date -d "$end" +%s 2>/dev/null); then
+  export JOB_END_TIME
+fi
 part=$(cat "{done}.$i.part" 2>/dev/null || echo 1)
 [ "$part" -eq 1 ] && echo "# $cmd" > "$log"
 echo "# Started at $(date) on $(hostname) (Slurm job ${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_$i, part $part," \
@@ -170,6 +175,44 @@ def wait(job_id: str, indices: list[int], done: str) -> dict[int, int | str | No
         time.sleep(POLL_S)
 
 
+def submit_parts(submit_base: list[str], script: Path, tasks: dict[int, tuple[str, str]], qdir: Path, name: str,
+                 done: str, first: int, last: int, max_jobs_run: str | None,
+                 max_resubmits: int) -> tuple[dict[int, int | str | None], str]:
+    """Submit the array, wait, and submit again the tasks that stopped early to continue (each time
+    as part N+1 of the same log). Returns every task's final status and the last job id."""
+    status: dict[int, int | str | None] = {}
+    pending = list(tasks)
+    for part in range(1, max_resubmits + 2):
+        spec = f"{first}-{last}" if part == 1 else ",".join(map(str, pending))
+        array_spec = spec + (f"%{max_jobs_run}" if max_jobs_run else "")
+        submit = [*submit_base, "--parsable", f"--array={array_spec}", f"--output={qdir.resolve()}/{name}.%a.out",
+                  *(["--open-mode=append"] if part > 1 else []), str(script)]
+        proc = subprocess.run(submit, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{sys.argv[0]}: submission failed ({shlex.join(submit)}):\n{proc.stderr.strip()}")
+        job_id = proc.stdout.strip().split(";")[0]
+        print(f"{sys.argv[0]}: submitted Slurm job {job_id} ({len(pending)} task(s)"
+              f"{f', part {part}' if part > 1 else ''}): {shlex.join(submit)}", file=sys.stderr)
+        try:
+            status.update(wait(job_id, pending, done))
+        except KeyboardInterrupt:
+            subprocess.run(["scancel", job_id])
+            print(f"{sys.argv[0]}: interrupted; cancelled Slurm job {job_id}", file=sys.stderr)
+            raise
+        finally:
+            for i in pending:
+                for leftover in (f"{done}.{i}", f"{done}.{i}.resume"):
+                    Path(leftover).unlink(missing_ok=True)
+        pending = [i for i in pending if status[i] == RESUME]
+        if not pending or part == max_resubmits + 1:
+            break
+        for i in pending:
+            Path(f"{done}.{i}.part").write_text(str(part + 1))
+        print(f"{sys.argv[0]}: task(s) {', '.join(map(str, pending))} stopped before the time limit to continue: "
+              f"submitting them again", file=sys.stderr)
+    return status, job_id
+
+
 def main(argv: list[str]) -> int:
     options, array, log, command = parse_args(argv)
     config_path = Path(options.pop("config", "conf/slurm.conf"))
@@ -199,37 +242,14 @@ def main(argv: list[str]) -> int:
         flags = cfg.flags(options, config_path)
     except ConfigError as e:
         sys.exit(f"{sys.argv[0]}: {e}")
-    status: dict[int, int | str | None] = {}
-    pending = list(tasks)
-    for part in range(1, max_resubmits + 2):
-        spec = f"{first}-{last}" if part == 1 else ",".join(map(str, pending))
-        array_spec = spec + (f"%{max_jobs_run}" if max_jobs_run else "")
-        submit = [*cfg.command, *flags, "--parsable", f"--array={array_spec}",
-                  f"--output={qdir.resolve()}/{name}.%a.out", "--open-mode=append", str(script)]
-        proc = subprocess.run(submit, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{sys.argv[0]}: submission failed ({shlex.join(submit)}):\n{proc.stderr.strip()}")
-        job_id = proc.stdout.strip().split(";")[0]
-        print(f"{sys.argv[0]}: submitted Slurm job {job_id} ({len(pending)} task(s)"
-              f"{f', part {part}' if part > 1 else ''}): {shlex.join(submit)}", file=sys.stderr)
-        try:
-            status.update(wait(job_id, pending, done))
-        except KeyboardInterrupt:
-            subprocess.run(["scancel", job_id])
-            print(f"{sys.argv[0]}: interrupted; cancelled Slurm job {job_id}", file=sys.stderr)
-            return 130
-        finally:
-            for i in pending:
-                Path(f"{done}.{i}").unlink(missing_ok=True)
-        pending = [i for i in pending if status[i] == RESUME]
-        if not pending or part == max_resubmits + 1:
-            break
-        for i in pending:
-            Path(f"{done}.{i}.part").write_text(str(part + 1))
-        print(f"{sys.argv[0]}: task(s) {', '.join(map(str, pending))} stopped before the time limit to continue: "
-              f"submitting them again", file=sys.stderr)
-    for i in tasks:
-        Path(f"{done}.{i}.part").unlink(missing_ok=True)
+    try:
+        status, job_id = submit_parts(cfg.command + flags, script, tasks, qdir, name, done, first, last,
+                                      max_jobs_run, max_resubmits)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for i in tasks:
+            Path(f"{done}.{i}.part").unlink(missing_ok=True)
     failed = {i: rc for i, rc in status.items() if rc != 0}
     if failed:
         print(f"{sys.argv[0]}: {len(failed)} of {len(tasks)} task(s) of Slurm job {job_id} failed:", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import random
 import resource
@@ -24,8 +25,6 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-
-import torch
 
 from speechllm.config import load_yaml
 from speechllm.logging_utils import setup_logging
@@ -110,7 +109,7 @@ def startup(args: argparse.Namespace) -> dict:
         log.info("%d rows: %s", rows, results[-1])
     return {"what": "stage 3 before its first step: tokenising once (rank 0), then per rank", "date": str(date.today()),
             "llm_config": str(args.llm_config), "machine": platform.machine(),
-            "cpus": torch.get_num_threads(), "sizes": results}
+            "cpus": os.cpu_count(), "sizes": results}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,9 +11,9 @@ matrix, frame count, ASR text; or the skip reason), whose first line holds the s
 depend on (Whisper spec and config, ``asr``, ``feats_dtype``). A rerun keeps the records that are a
 prefix of the job's keys with unchanged wav paths, drops an unfinished last line, truncates the ark
 where the last kept matrix ends and continues, so every output is byte-for-byte that of an
-uninterrupted run. Other settings, a changed wav path or a changed key list restart the job from
-scratch with a warning: features of different runs are never mixed. The device is not a setting (a
-job may resume on another node; CPU and GPU outputs differ only by rounding).
+uninterrupted run. Other settings, a changed or rewritten wav (path, size, modification time) or a
+changed key list restart the job from scratch with a warning: features of different runs are never
+mixed. With ASR on, the device type is a setting (Whisper decodes in float16 on a GPU).
 
 The final files are written from the records only once every key is done (each atomically, the ark
 renamed last). ``progress.J.jsonl`` stays beside them: a rerun of a completed job with the same
@@ -81,6 +81,15 @@ def read_progress(path: Path) -> tuple[dict | None, list[dict]]:
     return (objects[0], objects[1:]) if objects else (None, [])
 
 
+def wav_stamp(path: str) -> list[int] | None:
+    """Size and modification time of a wav: a file rewritten at the same path is another turn."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def reusable_records(progress: Path, ark: Path, settings: dict, keys: list[str],
                      wav_scp: dict[str, str]) -> tuple[list[dict], str | None]:
     """The records of an earlier run of this job that this run can keep, or why it must start over."""
@@ -100,6 +109,8 @@ def reusable_records(progress: Path, ark: Path, settings: dict, keys: list[str],
             return [], f"{progress}:{lineno}: key {record.get('key')!r}, expected {key!r} (wav.scp or nj changed)"
         if record.get("wav") != wav_scp[key]:
             return [], f"{progress}:{lineno}: the wav of {key} changed ({record.get('wav')} -> {wav_scp[key]})"
+        if record.get("wav_stamp") != wav_stamp(wav_scp[key]):
+            return [], f"{progress}:{lineno}: {wav_scp[key]} was rewritten since {key} was dumped"
     size = ark.stat().st_size if ark.exists() else 0
     if records and records[-1]["end"] > size:
         return [], f"{ark} has {size} bytes, but {progress} says {records[-1]['end']} were written"
@@ -180,9 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     wav_scp = read_kaldi_map(args.data_dir / "wav.scp")
     keys = job_slice(list(wav_scp), args.job, args.nj)
     cfg = whisper_config(args.whisper)
-    # download_root only says where weights are cached: it changes no output
+    # download_root only says where weights are cached: it changes no output. Greedy ASR decodes in
+    # float16 on a GPU, so its transcripts depend on the device (the features differ by rounding only).
     settings = {"whisper": args.whisper, "asr": args.asr, "feats_dtype": args.feats_dtype,
-                "whisper_config": {k: v for k, v in asdict(cfg).items() if k != "download_root"}}
+                "whisper_config": {k: v for k, v in asdict(cfg).items() if k != "download_root"},
+                "asr_device": torch.device(args.device).type if args.asr else None}
     settings = json.loads(json.dumps(settings))  # as an earlier run's settings read back from JSON
     job_name = f"job {args.job}/{args.nj}"
     args.outdir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         ark.seek(end)
         for key in tqdm(keys[len(records):], desc=f"dump {job_name}", unit="utt", initial=len(records),
                         total=len(keys)):
-            record = {"key": key, "wav": wav_scp[key]}
+            record = {"key": key, "wav": wav_scp[key], "wav_stamp": wav_stamp(wav_scp[key])}
             audio, reason = check_audio(wav_scp[key])
             if audio is None:
                 log.warning("skipping %s (%s): %s", key, wav_scp[key], reason)

@@ -45,14 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = from_dict(TrainConfig, load_yaml(args.train_config), str(args.train_config))
     llm_cfg = load_yaml(args.llm_config)
     whisper = str(Path(args.whisper).resolve()) if args.whisper and Path(args.whisper).is_file() else args.whisper
-    end = os.environ.get("JOB_END_TIME")
+    end, flag = os.environ.get("JOB_END_TIME"), os.environ.get("JOB_RESUME_FLAG")
     world = init_world(None if args.device == "auto" else args.device == "cuda")
     try:
         build_and_train(llm_cfg, cfg, args.train_jsonl, args.valid_jsonl, args.outdir, whisper, args.mode, world,
-                        stop_at=float(end) if end else None)
+                        stop_at=float(end) if end else None, resume_flag=Path(flag) if flag else None)
     except TimeLimit:
-        if world.is_main and os.environ.get("JOB_RESUME_FLAG"):
-            Path(os.environ["JOB_RESUME_FLAG"]).touch()
         sys.exit(RESUMABLE_EXIT)
     finally:
         close_world(world)

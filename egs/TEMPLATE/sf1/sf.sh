@@ -36,7 +36,7 @@ tag=""               # suffix of the experiment dir name
 ngpu=0               # GPUs per training node, and 1 GPU per job of stages 1 and 4 when > 0 (0: CPU)
 num_nodes=1          # nodes of the training job (more than 1 needs cmd_backend=slurm)
 cpu_procs=1          # with --ngpu 0: training processes per node (gloo DDP)
-cpus_per_gpu=4       # with --ngpu > 0: CPUs per training process (its DataLoader workers)
+cpus_per_gpu=4       # with --ngpu > 0: CPUs per training process (its threads and DataLoader workers)
 # Stage 4
 decode_batch_size=8
 num_beams=1
@@ -117,10 +117,11 @@ stage1() {
     ${feats_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
       python -m speechllm.bin.dump_feats --data_dir "data/${dset}" --outdir "${split}" \
       --whisper "${whisper}" --asr "${asr}" --feats_dtype "${feats_dtype}" --job JOB --nj "${nj}"
-    for j in $(seq 1 "${nj}"); do cat "${split}/feats.${j}.scp"; done | sort > "dump/${dset}/feats.scp.tmp"
+    # every job's file by name: a missing one fails the stage
+    cat $(for j in $(seq 1 "${nj}"); do echo "${split}/feats.${j}.scp"; done) | sort > "dump/${dset}/feats.scp.tmp"
     mv "dump/${dset}/feats.scp.tmp" "dump/${dset}/feats.scp"
     for f in text_asr utt2num_frames skipped; do
-      for j in $(seq 1 "${nj}"); do cat "${split}/${f}.${j}"; done | sort > "dump/${dset}/${f}.tmp"
+      cat $(for j in $(seq 1 "${nj}"); do echo "${split}/${f}.${j}"; done) | sort > "dump/${dset}/${f}.tmp"
       mv "dump/${dset}/${f}.tmp" "dump/${dset}/${f}"
     done
     local n_skipped
