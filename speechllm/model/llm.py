@@ -130,7 +130,7 @@ def add_lora(model, cfg: LLMConfig, gradient_checkpointing: bool = False) -> Pef
     non-reentrant kind, which needs no input that requires grad.
     """
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.lora))
 
