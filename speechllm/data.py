@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -203,18 +202,48 @@ def load_feats(example: Example) -> torch.Tensor | None:
     return torch.from_numpy(kaldiio.load_mat(example.feats).copy()).float()
 
 
-def bucketed_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                     bucket_batches: int = 50, shuffle: bool = True) -> list[list[int]]:
-    """Index batches for one epoch: shuffled, locally sorted by length, batches shuffled."""
-    order = list(range(len(lengths)))
-    rng = random.Random(f"batches-{seed}-{epoch}")
-    if shuffle:
-        rng.shuffle(order)
+@dataclass
+class BatchPlan:
+    """An epoch's batches as one flat array of row indices and the batch boundaries: a few bytes per
+    row on every rank, where a Python list per batch would cost about a hundred."""
+
+    order: np.ndarray  # row indices, batch after batch
+    bounds: np.ndarray  # batch k is order[bounds[k] : bounds[k + 1]]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, k: int) -> list[int]:
+        return self.order[self.bounds[k] : self.bounds[k + 1]].tolist()
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.bounds)
+
+    def keep(self, mask: np.ndarray) -> BatchPlan:
+        """The plan of the batches where ``mask`` is true, in the same order."""
+        return BatchPlan.of_ranges(self.order, self.bounds[:-1][mask], self.sizes[mask])
+
+    @staticmethod
+    def of_ranges(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> BatchPlan:
+        """Batches ``order[start : start + size]`` in the given order (vectorised: no loop per batch)."""
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        flat = np.arange(bounds[-1], dtype=np.int64) + np.repeat(starts - bounds[:-1], sizes)
+        return BatchPlan(order[flat], bounds)
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                     bucket_batches: int = 50, shuffle: bool = True) -> BatchPlan:
+    """Index batches for one epoch: rows shuffled, sorted by length within chunks of ``bucket_batches``
+    batches, cut into batches, and the batches shuffled (seeded by ``seed`` and ``epoch``)."""
+    n = len(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
     chunk = batch_size * max(1, bucket_batches)
-    batches = []
-    for start in range(0, len(order), chunk):
-        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])
-        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    order = order[np.lexsort((np.asarray(lengths)[order], np.arange(n) // chunk))]  # stable within a chunk
+    starts = np.arange(0, n, batch_size)  # chunks are whole batches, so no batch spans two chunks
+    sizes = np.minimum(starts + batch_size, n) - starts
     if shuffle:
-        rng.shuffle(batches)
-    return batches
+        perm = rng.permutation(len(starts))
+        starts, sizes = starts[perm], sizes[perm]
+    return BatchPlan.of_ranges(order, starts, sizes)

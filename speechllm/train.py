@@ -38,8 +38,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from speechllm.align import AdapterAligner, CTCObjective
 from speechllm.config import from_dict
-from speechllm.data import (Example, TokenizedSet, bucketed_batches, collate, fingerprint, iter_examples,
-                            load_feats, tokenize_once)
+from speechllm.data import (BatchPlan, Example, TokenizedSet, bucketed_batches, collate, fingerprint,
+                            iter_examples, load_feats, tokenize_once)
 from speechllm.decode import decode_examples, new_token_cap
 from speechllm.distributed import World
 from speechllm.io_utils import InputError, atomic_write
@@ -170,7 +170,7 @@ class Trainer:
         self.outdir, self.base_path, self.stop_at, self.resume_flag = outdir, base_path, stop_at, resume_flag
         self.stopped_idle_before = False  # the checkpoint resumed from was a time-limit stop without a step
         self.train_set, self.valid_set = train, valid
-        self.lengths = train.lengths(cfg.stack).tolist()
+        self.lengths = train.lengths(cfg.stack)
         spec.max_target_tokens = int(train.n_target.max())
         self.global_batch = cfg.batch_size * world.size
         self.batches_per_epoch = math.ceil(len(train) / self.global_batch)
@@ -197,26 +197,28 @@ class Trainer:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, fixed)
             self.forward = DistributedDataParallel(model, device_ids=None)
 
-    def loader(self, batches: list[list[int]]) -> DataLoader:
-        """This rank's shares of ``batches``, read ahead by ``num_workers`` processes.
+    def loader(self, batches: BatchPlan, first: int) -> DataLoader:
+        """This rank's shares of the batches from ``first`` on, read ahead by ``num_workers`` processes.
 
         The loader gets its own generator: drawing its seed from the global one would shift the dropout
         masks of a run resumed mid-epoch away from those of an uninterrupted run.
         """
         workers = self.cfg.num_workers
-        return DataLoader(self.train_set, batch_sampler=[self.shard(b) for b in batches], collate_fn=collate,
+        shares = (self.shard(batches[k]) for k in range(first, len(batches)))
+        return DataLoader(self.train_set, batch_sampler=shares, collate_fn=collate,
                           num_workers=workers, prefetch_factor=2 if workers else None,
                           pin_memory=self.world.device.type == "cuda",
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
-    def epoch_batches(self) -> list[list[int]]:
+    def epoch_batches(self) -> BatchPlan:
         """The epoch's global batches, the same on every rank; one a rank would get nothing of is dropped."""
         batches = bucketed_batches(self.lengths, self.global_batch, self.cfg.seed, self.epoch, self.cfg.bucket_batches)
-        kept = [b for b in batches if len(b) >= self.world.size]
-        if len(kept) < len(batches):
+        big_enough = batches.sizes >= self.world.size
+        if not big_enough.all():
             log.info("epoch %d: %d examples left out (a final batch smaller than the %d processes)", self.epoch,
-                     sum(len(b) for b in batches) - sum(len(b) for b in kept), self.world.size)
-        return kept
+                     batches.sizes[~big_enough].sum(), self.world.size)
+            batches = batches.keep(big_enough)
+        return batches
 
     def shard(self, batch: list[int]) -> list[int]:
         """This rank's contiguous share of a global batch (length-sorted, so shares pad alike)."""
@@ -409,14 +411,15 @@ class Trainer:
         first_step, slowest, last_check = self.step, 0.0, time.time()
         while self.step < self.total_steps and not out_of_time:
             batches = self.epoch_batches()
-            micro = iter(self.loader(batches[self.batch_in_epoch :]))
+            micro = iter(self.loader(batches, self.batch_in_epoch))
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not out_of_time:
                 # the slowest stretch between two checks: a step, with any evaluation that followed it
                 now = time.time()
                 slowest, last_check = max(slowest, now - last_check) if self.step > first_step else 0.0, now
                 if self.stop_at is not None and world.any(now + slowest + STOP_MARGIN_S > self.stop_at):
                     self.stop_for_time_limit(writer, idle=self.step == first_step)
-                group = batches[self.batch_in_epoch : self.batch_in_epoch + cfg.grad_accum]
+                group = [batches[k] for k in range(self.batch_in_epoch,
+                                                   min(self.batch_in_epoch + cfg.grad_accum, len(batches)))]
                 loss, ctc = self.train_step(group, [next(micro) for _ in group])
                 window_loss, window_ctc, window_n = window_loss + loss, window_ctc + ctc, window_n + 1
                 self.batch_in_epoch += len(group)

@@ -4,11 +4,12 @@ gives, are reused while nothing changed, and are rebuilt when the file or the to
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import make_tiny_speechllm, write_examples
-from speechllm.data import TokenizedSet, load_feats, read_examples
+from speechllm.data import TokenizedSet, bucketed_batches, load_feats, read_examples
 from speechllm.io_utils import InputError
 from speechllm.train import tokenized
 
@@ -73,3 +74,27 @@ def test_a_bad_row_is_named_with_its_file_and_line(tmp_path, setup):
     with pytest.raises(InputError, match="no examples"):
         tokenized(model, jsonl, tmp_path / "empty")
     assert not os.path.exists(tmp_path / "empty" / "meta.json")
+
+
+def reference_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket_batches: int) -> list:
+    """The plan written the plain way: shuffle, sort each chunk by length, cut, shuffle the batches."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    chunk, batches = batch_size * bucket_batches, []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[k] for k in rng.permutation(len(batches))]
+
+
+@pytest.mark.parametrize("n, batch_size, bucket_batches", [(103, 4, 5), (64, 8, 2), (5, 8, 50), (1, 1, 1)])
+def test_batch_plan_is_the_plainly_written_plan(n, batch_size, bucket_batches):
+    lengths = np.random.default_rng(n).integers(10, 40, n)  # many ties: the order among equals counts too
+    plan = bucketed_batches(lengths, batch_size, seed=3, epoch=2, bucket_batches=bucket_batches)
+    batches = [plan[k] for k in range(len(plan))]
+    assert batches == reference_batches(lengths.tolist(), batch_size, 3, 2, bucket_batches)
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    other_epoch = bucketed_batches(lengths, batch_size, seed=3, epoch=3, bucket_batches=bucket_batches)
+    assert n < 8 or [other_epoch[k] for k in range(len(other_epoch))] != batches
+    kept = plan.keep(plan.sizes == batch_size)
+    assert [kept[k] for k in range(len(kept))] == [b for b in batches if len(b) == batch_size]

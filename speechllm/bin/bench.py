@@ -5,7 +5,7 @@ stage-2 file of ``--rows`` text-only rows shaped like hybrid-mode rows (a prompt
 direct or a reasoning answer) is generated; it is tokenised once (rank 0's one-time cost), then a
 fresh process per size measures what every rank pays: opening the memory-mapped set, the Trainer
 (lengths, optimizer), the epoch's batch plan, and the first batch from the DataLoader, in seconds
-and in resident memory on top of the loaded model.
+and in resident memory on top of the loaded model (all of it, and the process's own part).
 
     python -m speechllm.bin.bench startup --rows 100000 1000000 --workdir /tmp/bench
 """
@@ -59,10 +59,12 @@ def load_text_model(llm_config: Path):
     return build_speechllm(ModelSpec(llm=load_yaml(llm_config), feat_dim=0))
 
 
-def rss_mb() -> float:
-    """This process's resident memory now (Linux)."""
+def rss_mb() -> tuple[float, float]:
+    """This process's resident memory now, and the part of it that is its own (not file pages such as the
+    memory-mapped tokens, which every rank of a node shares through the page cache); Linux only."""
     with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        resident, shared = (int(v) * resource.getpagesize() / 2**20 for v in f.read().split()[1:3])
+    return resident, resident - shared
 
 
 def rank_startup(tokens: Path, llm_config: Path) -> dict:
@@ -78,8 +80,10 @@ def rank_startup(tokens: Path, llm_config: Path) -> dict:
     cfg = TrainConfig(batch_size=4, effective_batch=128, num_workers=2)
     trainer = Trainer(model, ModelSpec(llm={}, feat_dim=0), cfg, TokenizedSet(tokens), None, tokens.parent)
     batches = trainer.epoch_batches()
-    encoded, _ = next(iter(trainer.loader(batches)))
-    return {"rank_startup_s": round(time.time() - start, 2), "rank_rss_mb": round(rss_mb() - before, 1),
+    encoded, _ = next(iter(trainer.loader(batches, 0)))
+    after = rss_mb()
+    return {"rank_startup_s": round(time.time() - start, 2), "rank_rss_mb": round(after[0] - before[0], 1),
+            "rank_private_mb": round(after[1] - before[1], 1),
             "first_batch_rows": len(encoded), "batches_per_epoch": len(batches)}
 
 
