@@ -2,6 +2,7 @@
 and the training-memory count (speechllm/memory.py) checked against real CPU tensors."""
 
 import json
+import re
 import weakref
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import RECIPE
+from conftest import RECIPE, REPO
 from speechllm.bin.memory import main as memory_main
 from speechllm.config import load_yaml_dataclass
 from speechllm.memory import (FUSED_ATTENTION, GIB, SavedTensors, build, count_activations, estimate, nf4_bytes,
@@ -217,3 +218,16 @@ def test_cli(tmp_path, capsys):
     parts = ("weights_gib", "trainable_gib", "activations_gib", "recompute_gib", "logits_gib")
     assert result["total_gib"] == pytest.approx(sum(result[k] for k in parts), abs=0.01)
     assert "GiB per GPU" in err
+
+
+def test_the_memory_table_of_the_docs_is_what_the_count_gives():
+    """docs/scaling.md quotes the counts; when the model code or the count changes, the table must follow."""
+    rows = {m.group(1): line for line in (REPO / "docs" / "scaling.md").read_text().splitlines()
+            if (m := re.match(r"\| [^|]*\(`(\w+)`\) \|", line)) and m.group(1) in PAPER}  # rows name their config
+    assert rows.keys() == PAPER.keys()
+    paper = {"batch_size": 4, "positions": 600, "target_tokens": 64, "world_size": 4}
+    for name, row in rows.items():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        config, cfg = hf_config(PAPER[name][0]), recipe_llm(name)
+        counted = [round(estimate(config, cfg, gradient_checkpointing=c, **paper).total_gib, 1) for c in (True, False)]
+        assert [float(cells[1]), float(cells[3])] == counted, (name, counted)
