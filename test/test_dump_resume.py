@@ -229,6 +229,13 @@ def test_completed_job_is_kept_unless_its_settings_changed(data_dir, reference, 
     assert len(calls) == N_KEYS - len(SKIPPED) - 3
     assert_same_dump(outdir, reference["float16"])
 
+    (outdir / "text_asr.1").unlink()  # a completed job missing one of its outputs is done again
+    calls = count_encodes(monkeypatch, outdir)
+    dump(data_dir, outdir, "--feats_dtype", "float16")
+    assert "redoing the completed job: output(s) missing: text_asr.1" in caplog.text
+    assert len(calls) == N_KEYS - len(SKIPPED)
+    assert_same_dump(outdir, reference["float16"])
+
 
 def test_float16_features_take_half_the_disk_and_load_unchanged(reference):
     half, full = reference["float16"], reference["float32"]

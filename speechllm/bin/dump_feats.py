@@ -133,6 +133,9 @@ def records_to_keep(files: JobFiles, settings: dict, keys: list[str], wav_scp: d
     records, reason = reusable_records(files.progress, files.ark if complete else files.partial, settings, keys,
                                        wav_scp)
     if complete:
+        missing = [p.name for p in (files.scp, *files.lists.values()) if not p.exists()]
+        if reason is None and missing:
+            reason = f"output(s) missing: {', '.join(missing)}"
         if reason is None and files.progress.exists() and len(records) == len(keys):
             log.info("%s: already complete with the same settings, keys and wav paths: nothing to do", job_name)
             return None
