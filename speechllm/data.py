@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from speechllm.io_utils import InputError, atomic_write, read_jsonl
+from speechllm.io_utils import InputError, atomic_write, jsonl_rows, read_jsonl
 from speechllm.model.speechllm import Encoded
 from speechllm.slots import Slots
 
@@ -64,20 +64,8 @@ def read_examples(path: str | Path, mode: str | None = None) -> list[Example]:
 
 def iter_examples(path: str | Path) -> Iterator[tuple[int, Example]]:
     """``(byte offset, example)`` of each row, streamed: the whole file is never held."""
-    with open(path, "rb") as f:
-        offset, lineno = 0, 0
-        for line in f:
-            lineno += 1
-            start, offset = offset, offset + len(line)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object")
-            yield start, to_example(row, f"{path}:{lineno}")
+    for lineno, offset, row in jsonl_rows(path):
+        yield offset, to_example(row, f"{path}:{lineno}")
 
 
 # columns of TokenizedSet.index

@@ -52,19 +52,27 @@ def write_kaldi_map(path: str | Path, mapping: dict[str, str]) -> None:
             f.write(f"{key} {mapping[key]}\n")
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line number, object)``; a malformed line raises with file and line."""
-    with open(path, encoding="utf-8") as f:
+def jsonl_rows(path: str | Path) -> Iterator[tuple[int, int, dict]]:
+    """Yield ``(line number, byte offset, object)``; a malformed line raises with file and line."""
+    with open(path, "rb") as f:
+        offset = 0
         for lineno, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InputError(f"{path}:{lineno}: malformed JSON ({getattr(e, 'msg', e)})") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, obj
+            yield lineno, start, obj
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line number, object)``; a malformed line raises with file and line."""
+    for lineno, _, obj in jsonl_rows(path):
+        yield lineno, obj
 
 
 def read_slots(path: str | Path) -> dict[str, Slots]:
