@@ -173,7 +173,12 @@ class Trainer:
         self.lengths = train.lengths(cfg.stack)
         spec.max_target_tokens = int(train.n_target.max())
         self.global_batch = cfg.batch_size * world.size
-        self.batches_per_epoch = math.ceil(len(train) / self.global_batch)
+        # a final batch smaller than the number of processes is left out (see epoch_batches)
+        full, rest = divmod(len(train), self.global_batch)
+        self.batches_per_epoch = full + (rest >= world.size)
+        if self.batches_per_epoch == 0:
+            raise InputError(f"{train.meta['source']}: {len(train)} training rows for {world.size} processes: "
+                             "every process needs at least one row")
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         groups = [{"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": cfg.lr}]
@@ -207,7 +212,6 @@ class Trainer:
         shares = (self.shard(batches[k]) for k in range(first, len(batches)))
         return DataLoader(self.train_set, batch_sampler=shares, collate_fn=collate,
                           num_workers=workers, prefetch_factor=2 if workers else None,
-                          pin_memory=self.world.device.type == "cuda",
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def epoch_batches(self) -> BatchPlan:

@@ -98,3 +98,15 @@ def test_batch_plan_is_the_plainly_written_plan(n, batch_size, bucket_batches):
     assert n < 8 or [other_epoch[k] for k in range(len(other_epoch))] != batches
     kept = plan.keep(plan.sizes == batch_size)
     assert [kept[k] for k in range(len(kept))] == [b for b in batches if len(b) == batch_size]
+
+
+def test_fewer_rows_than_processes_is_refused(tmp_path, setup):
+    from speechllm.distributed import World
+    from speechllm.model.builder import ModelSpec
+    from speechllm.train import TrainConfig, Trainer
+
+    model, jsonl = setup
+    one_row = tokenized(model, jsonl, tmp_path / "tokens", limit=1)
+    with pytest.raises(InputError, match="1 training rows for 2 processes: every process needs at least one row"):
+        Trainer(model, ModelSpec(llm={}, feat_dim=16), TrainConfig(batch_size=1), one_row, None, tmp_path,
+                world=World(rank=0, size=2))

@@ -28,7 +28,8 @@ def make_rows(n: int) -> list[dict]:
 
 
 def train(tmp_path: Path, name: str, nproc: int, batch_size: int, jsonl: Path, env: dict | None = None,
-          returncode: int = 0) -> Path:
+          stops: bool = False) -> Path:
+    """Train into ``tmp_path/name``; ``stops``: the run must stop for the job's time limit (exit 75)."""
     outdir = tmp_path / name
     outdir.mkdir(exist_ok=True)
     llm = tiny_llm_dict(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"})
@@ -44,7 +45,11 @@ def train(tmp_path: Path, name: str, nproc: int, batch_size: int, jsonl: Path, e
     cmd = launcher + module if nproc > 1 else [sys.executable] + module
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert (proc.returncode == 0) == (returncode == 0), proc.stderr[-4000:]
+    if stops:
+        assert proc.returncode != 0 and "stopping at step 0 of 4 before the job's time limit" in proc.stderr
+        assert "exitcode  : 75" in proc.stderr, proc.stderr[-4000:]  # every rank, as torchrun reports it
+    else:
+        assert proc.returncode == 0, proc.stderr[-4000:]
     return outdir
 
 
@@ -88,7 +93,7 @@ def test_two_processes_stopped_for_the_time_limit_flag_the_job_and_resume(tmp_pa
     whole = train(tmp_path, "whole", nproc=2, batch_size=2, jsonl=jsonl)
     flag = tmp_path / "resume.flag"
     # the job's end has passed: both ranks stop before their first step, rank 0 checkpoints and flags
-    stopped = train(tmp_path, "stopped", nproc=2, batch_size=2, jsonl=jsonl, returncode=1,
+    stopped = train(tmp_path, "stopped", nproc=2, batch_size=2, jsonl=jsonl, stops=True,
                     env={"JOB_END_TIME": "0", "JOB_RESUME_FLAG": str(flag)})
     assert flag.exists() and not (stopped / "model").exists()
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step_0000000"]

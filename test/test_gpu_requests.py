@@ -15,13 +15,13 @@ import pytest
 from conftest import REPO, copy_recipe, run
 
 FAKE_SBATCH = f"""#!{sys.executable}
-import os, re, sys
+import os, re, shlex, sys
 from pathlib import Path
 argv = sys.argv[1:]
 with open(os.environ["SBATCH_RECORD"], "a") as f:
     f.write(" ".join(argv) + "\\n")
 script = Path(argv[-1]).read_text()
-done = re.search(r'^echo \\$rc > "(.*)\\.\\$i"$', script, re.M).group(1)
+done = shlex.split(re.search(r'^done=(.*)$', script, re.M).group(1))[0]
 spec = next(a for a in argv if a.startswith("--array=")).split("=")[1].split("%")[0]
 first, _, last = spec.partition("-")
 for i in range(int(first), int(last or first) + 1):

@@ -111,25 +111,27 @@ def job_script(cwd: Path, tasks: dict[int, tuple[str, str]], done: str, num_thre
     threads = f"export OMP_NUM_THREADS={num_threads} MKL_NUM_THREADS={num_threads}\n" if num_threads else ""
     return f"""#!/usr/bin/env bash
 cd {shlex.quote(str(cwd))}
+done={shlex.quote(done)}
 i=${{SLURM_ARRAY_TASK_ID:-1}}
 case $i in
 {branches}
   *) echo "no task $i" >&2; exit 2 ;;
 esac
 mkdir -p "$(dirname "$log")"
-export JOB_RESUME_FLAG="{done}.$i.resume"
+export JOB_RESUME_FLAG="$done.$i.resume"
 rm -f "$JOB_RESUME_FLAG"
 # this task's end (not the array's: its first task may carry the array's own id); none if unknown
-end=$(squeue -h -j "${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}${{SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}}" -o %e \
-  2>/dev/null | head -n 1)
+task_id=${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}${{SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}}
+end=$(squeue -h -j "$task_id" -o %e 2>/dev/null | head -n 1)
 unset JOB_END_TIME
 if [[ "$end" =~ ^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}T ]] && JOB_END_TIME=$(date -d "$end" +%s 2>/dev/null); then
   export JOB_END_TIME
 fi
-part=$(cat "{done}.$i.part" 2>/dev/null || echo 1)
+part=$(cat "$done.$i.part" 2>/dev/null || echo 1)
 [ "$part" -eq 1 ] && echo "# $cmd" > "$log"
 echo "# Started at $(date) on $(hostname) (Slurm job ${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_$i, part $part," \
   "ends ${{end:-?}})" >> "$log"
+[ -n "${{JOB_END_TIME:-}}" ] || echo "# No end time from squeue for $task_id: no stop before the time limit" >> "$log"
 start=$SECONDS
 ( {threads}eval "$cmd" ) >> "$log" 2>&1
 rc=$?
@@ -139,7 +141,7 @@ if [ -f "$JOB_RESUME_FLAG" ]; then
   rc=resume
 fi
 echo "# Ended at $(date)" >> "$log"
-echo $rc > "{done}.$i"
+echo $rc > "$done.$i"
 [ $rc = resume ] && exit 0 || exit $rc
 """
 

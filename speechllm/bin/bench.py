@@ -113,7 +113,7 @@ def startup(args: argparse.Namespace) -> dict:
         log.info("%d rows: %s", rows, results[-1])
     return {"what": "stage 3 before its first step: tokenising once (rank 0), then per rank", "date": str(date.today()),
             "llm_config": str(args.llm_config), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "sizes": results}
+            "cpus": len(os.sched_getaffinity(0)), "sizes": results}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -133,11 +133,14 @@ def records_to_keep(files: JobFiles, settings: dict, keys: list[str], wav_scp: d
     records, reason = reusable_records(files.progress, files.ark if complete else files.partial, settings, keys,
                                        wav_scp)
     if complete:
-        missing = [p.name for p in (files.scp, *files.lists.values()) if not p.exists()]
-        if reason is None and missing:
-            reason = f"output(s) missing: {', '.join(missing)}"
         if reason is None and files.progress.exists() and len(records) == len(keys):
-            log.info("%s: already complete with the same settings, keys and wav paths: nothing to do", job_name)
+            missing = [p.name for p in (files.scp, *files.lists.values()) if not p.exists()]
+            if missing:  # the records hold everything they say: write them again, keep the ark
+                log.warning("%s: complete, but %s missing: written again from %s", job_name, ", ".join(missing),
+                            files.progress.name)
+                write_lists(files, records)
+            else:
+                log.info("%s: already complete with the same settings, keys and wav paths: nothing to do", job_name)
             return None
         if reason is None:
             reason = (f"{files.ark} has no {files.progress.name} to check it against" if not files.progress.exists()
@@ -165,13 +168,18 @@ def start_from(files: JobFiles, settings: dict, records: list[dict]) -> int:
     return end
 
 
-def write_outputs(files: JobFiles, records: list[dict]) -> None:
-    """The files the recipe merges, from the records; the ark is renamed last, marking the job complete."""
+def write_lists(files: JobFiles, records: list[dict]) -> None:
+    """The scp and the per-key lists the recipe merges, from the records."""
     with atomic_write(files.scp) as f:
         f.writelines(f"{r['key']} {files.ark}:{r['offset']}\n" for r in records if "offset" in r)
     for name, field in (("text_asr", "text"), ("utt2num_frames", "frames"), ("skipped", "skipped")):
         with atomic_write(files.lists[name]) as f:
             f.writelines(f"{r['key']} {r[field]}\n" for r in records if field in r)
+
+
+def write_outputs(files: JobFiles, records: list[dict]) -> None:
+    """The files the recipe merges; the ark is renamed last, marking the job complete."""
+    write_lists(files, records)
     os.replace(files.partial, files.ark)
 
 

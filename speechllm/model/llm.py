@@ -130,7 +130,11 @@ def add_lora(model, cfg: LLMConfig, gradient_checkpointing: bool = False) -> Pef
     non-reentrant kind, which needs no input that requires grad.
     """
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5; the old name is deprecated there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.lora))
 

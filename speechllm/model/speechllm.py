@@ -8,7 +8,6 @@ position, and uses the KV cache of ``generate``.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +28,6 @@ class Encoded:
     before: list[int]
     after: list[int]
     target: list[int]
-
-    def pin_memory(self) -> "Encoded":
-        """Called by a DataLoader with ``pin_memory``: page-locked features copy to the GPU faster."""
-        return dataclasses.replace(self, feats=None if self.feats is None else self.feats.pin_memory())
 
 
 @dataclass(frozen=True)
