@@ -71,6 +71,7 @@ def iter_examples(path: str | Path) -> Iterator[tuple[int, Example]]:
 # columns of TokenizedSet.index
 OFFSET, TOKENS, N_BEFORE, N_AFTER, N_TARGET, N_FRAMES = range(6)
 TokenizeFn = Callable[[list[Example]], list[tuple[list[int], list[int], list[int]]]]
+TOKENIZE_CHUNK = 2048  # rows per tokenizer call: parallel inside the tokenizer, flat memory outside
 
 
 class TokenizedSet(torch.utils.data.Dataset):
@@ -134,7 +135,7 @@ def source_stamp(jsonl: Path, tokenizer_fingerprint: str, limit: int | None) -> 
 
 
 def tokenize_once(jsonl: str | Path, directory: str | Path, tokenize: TokenizeFn, tokenizer_fingerprint: str,
-                  limit: int | None = None, chunk: int = 2048, show_progress: bool = True) -> None:
+                  limit: int | None = None) -> None:
     """Tokenise the first ``limit`` rows (all: None) of ``jsonl`` into ``directory``, unless that was done.
 
     Rows stream through in chunks, so memory stays flat however long the file is.
@@ -163,13 +164,12 @@ def tokenize_once(jsonl: str | Path, directory: str | Path, tokenize: TokenizeFn
             idx.write(rows.tobytes())
             pending.clear()
 
-        for offset, example in tqdm(iter_examples(jsonl), desc=f"tokenise {jsonl.name}", unit="row",
-                                    disable=not show_progress):
+        for offset, example in tqdm(iter_examples(jsonl), desc=f"tokenise {jsonl.name}", unit="row"):
             if limit is not None and n_rows >= limit:
                 break
             pending.append((offset, example))
             n_rows += 1
-            if len(pending) == chunk:
+            if len(pending) == TOKENIZE_CHUNK:
                 flush()
         if pending:
             flush()

@@ -235,7 +235,7 @@ class Trainer:
         """One optimizer step over a group of global batches, of which ``micro`` holds this rank's shares.
 
         Returns this rank's share of the step's LLM loss, and its mean auxiliary CTC loss (0 without one)."""
-        n_tokens = int(sum(self.train_set.n_target[i] for batch in group for i in batch))
+        n_tokens = int(self.train_set.n_target[np.concatenate(group)].sum())
         share = ctc_mean = 0.0
         for k, (encoded, texts) in enumerate(micro):
             last = k == len(group) - 1
@@ -419,7 +419,9 @@ class Trainer:
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps and not out_of_time:
                 # the slowest stretch between two checks: a step, with any evaluation that followed it
                 now = time.time()
-                slowest, last_check = max(slowest, now - last_check) if self.step > first_step else 0.0, now
+                if self.step > first_step:
+                    slowest = max(slowest, now - last_check)
+                last_check = now
                 if self.stop_at is not None and world.any(now + slowest + STOP_MARGIN_S > self.stop_at):
                     self.stop_for_time_limit(writer, idle=self.step == first_step)
                 group = [batches[k] for k in range(self.batch_in_epoch,
