@@ -90,10 +90,8 @@ def read_ct2(path: str | Path) -> dict[str, np.ndarray]:
     return variables
 
 
-def _linear(sd: dict, dst: str, v: dict, src: str, bias: bool = True) -> None:
-    sd[f"{dst}.weight"] = v[f"{src}/weight"]
-    if bias:
-        sd[f"{dst}.bias"] = v[f"{src}/bias"]
+def _linear(sd: dict, dst: str, v: dict, src: str) -> None:
+    sd[f"{dst}.weight"], sd[f"{dst}.bias"] = v[f"{src}/weight"], v[f"{src}/bias"]
 
 
 def _norm(sd: dict, dst: str, v: dict, src: str) -> None:

@@ -71,4 +71,3 @@ TEMPLATES: dict[tuple[bool, bool], tuple[str, ...]] = {
 }
 
 THINK, NO_THINK = "/think", "/no_think"
-TRANSCRIBE_PROMPT = "{audio}\nTranscribe the audio."

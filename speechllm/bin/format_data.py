@@ -1,4 +1,9 @@
-"""Stage 2: write ``regular.jsonl``, ``reasoning.jsonl`` and ``hybrid.jsonl`` into a dump dir."""
+"""Stage 2: write ``regular.jsonl``, ``reasoning.jsonl``, ``hybrid.jsonl`` and ``cascade.jsonl`` into a dump dir.
+
+``hybrid.jsonl`` holds two rows per utterance, ``<utt>#no_think`` and ``<utt>#think``. ``cascade.jsonl``
+(the ASR -> LLM baseline) is written only when the dump dir has ``text_asr`` (stage 1 with ``--asr
+true``): the regular prompt and target with Whisper's transcript in the audio's place, no features.
+"""
 
 from __future__ import annotations
 

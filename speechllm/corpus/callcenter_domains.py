@@ -7,7 +7,7 @@ agent uses for it, a value generator and a few slot-specific customer answers (`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from speechllm.corpus import values as V
 
@@ -28,7 +28,6 @@ class Domain:
     slots: tuple[SlotType, ...]
     # customer openings; ``{slot_label}`` placeholders are filled and become slots of the turn
     openings: tuple[str, ...]
-    topics: tuple[str, ...] = field(default=())
 
 
 SHARED = (

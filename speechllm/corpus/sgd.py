@@ -277,16 +277,16 @@ def prepare(root: Path, outdir: Path, num_train: int, num_valid: int, num_test: 
     return turns_per_set
 
 
-def download(root: Path, url: str = UPSTREAM_ZIP) -> None:
+def download(root: Path) -> None:
     """Fetch and unpack the upstream release into ``root`` (``root/train``, ``root/dev``...)."""
-    log.info("downloading %s", url)
+    log.info("downloading %s", UPSTREAM_ZIP)
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "sgd.zip"
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
+            with urllib.request.urlopen(UPSTREAM_ZIP, timeout=60) as response, open(archive, "wb") as f:
                 shutil.copyfileobj(response, f)
         except OSError as e:
-            raise InputError(f"cannot download the SGD release from {url} ({e}); offline, pass a local copy: "
+            raise InputError(f"cannot download the SGD release from {UPSTREAM_ZIP} ({e}); offline, pass a local copy: "
                              "--sgd_root /path/to/sgd (with train/ and dev/)") from None
         with zipfile.ZipFile(archive) as z:
             z.extractall(tmp)

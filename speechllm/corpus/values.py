@@ -33,11 +33,11 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def money(lo: int, hi: int, step: int = 1, symbol: str = "$", word: str = "dollars") -> ValueFn:
+def money(lo: int, hi: int, step: int = 1) -> ValueFn:
+    """Dollar amounts: ``$1,300`` or ``1,300 dollars``."""
     def draw(rng: Random) -> str:
-        n = rng.randrange(lo, hi + 1, step)
-        amount = f"{n:,}"
-        return f"{symbol}{amount}" if rng.random() < 0.6 else f"{amount} {word}"
+        amount = f"{rng.randrange(lo, hi + 1, step):,}"
+        return f"${amount}" if rng.random() < 0.6 else f"{amount} dollars"
     return draw
 
 
@@ -61,10 +61,6 @@ def digits(n: int) -> ValueFn:
 def phone_number(rng: Random) -> str:
     return " ".join(str(rng.randint(0, 9)) for _ in range(3)) + " " + \
         " ".join(str(rng.randint(0, 9)) for _ in range(4))
-
-
-def first_name(rng: Random) -> str:
-    return rng.choice(FIRST_NAMES)
 
 
 def full_name(rng: Random) -> str:

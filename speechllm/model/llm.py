@@ -1,9 +1,9 @@
 """Foundation LLM loading (one YAML per model), LoRA/QLoRA wrapping and prompt rendering.
 
-An :class:`LLMConfig` names a hub ID or local path (``name_or_path``, optionally a ``gguf_file``
-in it), or ``tiny``: a config dict from which a small random model is built, with a byte-level BPE
-tokenizer trained on the corpus text. The tiny path is what CI and the mini preset use; its
-weights and tokenizer are saved into the experiment so decoding rebuilds exactly the same model.
+An :class:`LLMConfig` names a hub ID or local path (``name_or_path``), or ``tiny``: a config dict
+from which a small random model is built, with a byte-level BPE tokenizer trained on the corpus
+text. The tiny path is what CI and the mini preset use; its weights and tokenizer are saved into
+the experiment so decoding rebuilds exactly the same model.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ TINY_CHAT_TEMPLATE = (
 class LLMConfig:
     name_or_path: str | None = None  # hub ID or local directory
     local_cache: str | None = None  # converted offline copy: $MODEL_CACHE/llm/<local_cache>, used when present
-    gguf_file: str | None = None
     tiny: dict | None = None  # transformers config kwargs incl. model_type; builds a random model
     tiny_vocab_size: int = 1000
     prompt_style: str = "chat"  # "chat": tokenizer's chat template; "plain": plain_template
@@ -100,8 +99,6 @@ def load_llm(cfg: LLMConfig, path: str | Path | None = None, device: torch.devic
     source = str(path or cfg.name_or_path)
     log.info("loading the LLM from %s", source)
     kwargs: dict = {"dtype": getattr(torch, cfg.dtype)}
-    if cfg.gguf_file:
-        kwargs["gguf_file"] = cfg.gguf_file
     if cfg.quantization == "nf4":
         from transformers import BitsAndBytesConfig
 
@@ -110,7 +107,7 @@ def load_llm(cfg: LLMConfig, path: str | Path | None = None, device: torch.devic
             bnb_4bit_compute_dtype=getattr(torch, cfg.dtype))
     if torch.device(device).type == "cuda":
         kwargs["device_map"] = {"": torch.device(device)}
-    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}))
+    tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if cfg.chat_template is not None:
         tokenizer.chat_template = cfg.chat_template
