@@ -18,6 +18,7 @@ import logging
 import random
 import time
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import jiwer
@@ -26,13 +27,31 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from speechllm.data import Example, load_feats
+from speechllm.data import Example, TokenizedSet, load_feats
+from speechllm.distributed import World
+from speechllm.io_utils import atomic_write
 from speechllm.metrics import holds
 from speechllm.model.adapter import FrameStackAdapter
-from speechllm.model.ctc_head import CTCEmbeddingHead
+from speechllm.model.ctc_head import CTCEmbeddingHead, token_vocab
+from speechllm.model.speechllm import SpeechLLM
 from speechllm.slots import filled_pairs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignConfig:
+    """The ``align:`` block of a training config; ``steps: 0`` (the default) turns the phase off."""
+
+    steps: int = 0
+    batch_size: int = 16
+    lr: float = 1.0e-3
+    eval_every: int = 50
+    vocab: str = "transcripts"  # CTC classes: "transcripts" (tokens of the training transcripts) or "full"
+
+    def __post_init__(self) -> None:
+        if self.vocab not in ("transcripts", "full"):
+            raise ValueError(f"align.vocab must be 'transcripts' or 'full', not {self.vocab!r}")
 
 
 def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -175,3 +194,41 @@ class AdapterAligner(CTCObjective):
         with open(outdir / "align_log.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in history)
         return history
+
+
+def new_ctc_head(model: SpeechLLM, vocab: str, transcripts: list[str]) -> CTCEmbeddingHead:
+    """A CTC head over the tokens of the training transcripts (or, ``vocab: full``, all rows)."""
+    embeddings = model.llm.get_input_embeddings().weight
+    classes = torch.arange(len(embeddings)) if vocab == "full" else token_vocab(model.tokenizer, transcripts)
+    return CTCEmbeddingHead(embeddings, classes).to(model.device)
+
+
+def unique_turns(dataset: TokenizedSet | None) -> list[Example]:
+    """One example per utterance (a turn appears once per mode row and query draw)."""
+    if dataset is None:
+        return []
+    return list({e.utt_id: e for e in map(dataset.example, range(len(dataset)))}.values())
+
+
+def run_alignment_phase(model: SpeechLLM, cfg: AlignConfig, train: TokenizedSet, valid: TokenizedSet | None,
+                        outdir: Path, seed: int, world: World, writer=None) -> None:
+    """Align ``model``'s adapter (and CTC head) once, on rank 0, into ``outdir/align/``; every rank then
+    loads the result. A finished phase is reloaded, not repeated."""
+    done = outdir / "align" / "adapter.pt"
+    head_file = done.with_name("ctc_head.pt")
+    if world.is_main and not done.exists():
+        turns = unique_turns(train)
+        head = model.ctc_head  # None unless the LLM reads through it: then it serves this phase only
+        if head is None:
+            head = new_ctc_head(model, cfg.vocab, [e.text for e in turns])
+        aligner = AdapterAligner(model.adapter, head, model.tokenizer, cfg.lr, cfg.batch_size, seed)
+        aligner.run(turns, unique_turns(valid), cfg.steps, done.parent, writer, cfg.eval_every)
+        with atomic_write(head_file, "wb") as f:
+            torch.save(head.state_dict(), f)
+        with atomic_write(done, "wb") as f:
+            torch.save(model.adapter.state_dict(), f)
+    world.barrier()
+    model.adapter.load_state_dict(torch.load(done, map_location=world.device))
+    if model.ctc_head is not None:
+        model.ctc_head.load_state_dict(torch.load(head_file, map_location=world.device))
+    log.info("alignment phase done: adapter loaded from %s", done)

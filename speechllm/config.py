@@ -1,8 +1,16 @@
-"""YAML configs mapped onto dataclasses; unknown keys are errors that name the file and key."""
+"""YAML configs mapped onto typed dataclasses.
+
+A config file may start with ``base: <file>`` (relative to itself) and hold only the keys it changes;
+command-line overrides (``"lr=1e-3 align.steps=600"``) apply last. Unknown keys and values of the wrong
+type are errors that name the file and the key.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,14 +21,42 @@ from speechllm.io_utils import InputError
 T = TypeVar("T")
 
 
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the annotated type: int -> float, a YAML string such as ``1e-3`` -> float, a mapping
+    -> a nested config; anything else that does not fit is an error naming ``where``."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if dataclasses.is_dataclass(option) and isinstance(value, dict):
+            return from_dict(option, value, where)
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except ValueError:
+                continue
+        if option is Any:
+            return value
+        kind = typing.get_origin(option) or option  # dict[str, int] -> dict
+        if isinstance(kind, type) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise InputError(f"{where}: expected {names}, got {value!r}")
+
+
 def from_dict(cls: type[T], values: dict[str, Any], source: str = "<dict>") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise InputError(f"{source}: unknown config key(s) {unknown} for {cls.__name__}; "
                          f"valid keys: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    typed = {key: _coerce(value, hints[key], f"{source}: {key}") for key, value in values.items()}
     try:
-        return cls(**values)
+        return cls(**typed)
     except ValueError as e:
         raise InputError(f"{source}: {e}") from None
 
@@ -38,7 +74,67 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_yaml_dataclass(path: str | Path, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` over ``base``, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config with its ``base:`` chain resolved (the file's own keys win)."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise InputError(f"{path}: 'base:' chain loops back to itself")
     data = load_yaml(path)
-    data.update(overrides or {})
-    return from_dict(cls, data, str(path))
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return merge(load_config(path.parent / base, (*seen, path)), data)
+
+
+def parse_overrides(text: str, source: str = "--train_args") -> dict[str, Any]:
+    """``"lr=1e-3 align.steps=600"`` as a nested mapping; values are read as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in shlex.split(text or ""):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"{source}: expected key=value, got {item!r}")
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every key whose value differs, nested keys dotted."""
+    lines = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
+
+
+def load_yaml_dataclass(path: str | Path, cls: type[T]) -> T:
+    """A config file (``base:`` chain resolved) as a typed dataclass."""
+    return from_dict(cls, load_config(path), str(path))
+
+
+def record_config(path: Path, config: Any, force: bool = False) -> None:
+    """Write a run's resolved config (a dataclass) to ``path``. One recorded by an earlier run that resolves
+    differently is refused (a resumed run must train on what it started with) unless ``force``."""
+    resolved = dataclasses.asdict(config)
+    if path.exists() and not force:
+        changed = differences(dataclasses.asdict(load_yaml_dataclass(path, type(config))), resolved)
+        if changed:
+            raise InputError(f"{path} records another config for this experiment:\n  " + "\n  ".join(changed)
+                             + "\nresume with the recorded config, train into a new experiment dir (--tag), or "
+                             "force the new config (--force_config true)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")

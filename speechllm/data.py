@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from speechllm.io_utils import InputError, atomic_write, jsonl_rows, read_jsonl
-from speechllm.model.speechllm import Encoded
+from speechllm.distributed import World
+from speechllm.model.speechllm import Encoded, SpeechLLM
 from speechllm.slots import Slots
 
 log = logging.getLogger(__name__)
@@ -221,17 +222,28 @@ class BatchPlan:
 
 
 def bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
-                     bucket_batches: int = 50, shuffle: bool = True) -> BatchPlan:
+                     bucket_batches: int = 50) -> BatchPlan:
     """Index batches for one epoch: rows shuffled, sorted by length within chunks of ``bucket_batches``
     batches, cut into batches, and the batches shuffled (seeded by ``seed`` and ``epoch``)."""
     n = len(lengths)
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n) if shuffle else np.arange(n)
+    order = rng.permutation(n)
     chunk = batch_size * max(1, bucket_batches)
     order = order[np.lexsort((np.asarray(lengths)[order], np.arange(n) // chunk))]  # stable within a chunk
     starts = np.arange(0, n, batch_size)  # chunks are whole batches, so no batch spans two chunks
     sizes = np.minimum(starts + batch_size, n) - starts
-    if shuffle:
-        perm = rng.permutation(len(starts))
-        starts, sizes = starts[perm], sizes[perm]
-    return BatchPlan.of_ranges(order, starts, sizes)
+    perm = rng.permutation(len(starts))
+    return BatchPlan.of_ranges(order, starts[perm], sizes[perm])
+
+
+def tokenized(model: SpeechLLM, jsonl: Path, directory: Path, world: World = World(),
+              limit: int | None = None) -> TokenizedSet:
+    """``jsonl`` tokenised for ``model`` once (by rank 0, reused by every restart), then memory-mapped."""
+    if world.is_main:
+        def tokenize(examples: list[Example]) -> list[tuple[list[int], list[int], list[int]]]:
+            return model.formatter.encode_many([e.prompt for e in examples], [e.target for e in examples],
+                                               [e.feats is not None for e in examples])
+
+        tokenize_once(jsonl, directory, tokenize, fingerprint(model.formatter.fingerprint()), limit)
+    world.barrier()
+    return TokenizedSet(directory)

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,23 @@ class World:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.item()
+
+    def share(self, batch: list[int]) -> list[int]:
+        """This rank's contiguous share of a global batch (length-sorted, so shares pad alike)."""
+        size, rest = divmod(len(batch), self.size)
+        start = self.rank * size + min(self.rank, rest)
+        return batch[start : start + size + (1 if self.rank < rest else 0)]
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in DistributedDataParallel when there are several processes, else itself.
+
+        Frozen weights and buffers are loaded identically everywhere: only the trainable weights sync."""
+        if not self.distributed:
+            return model
+        fixed = [n for n, p in model.named_parameters() if not p.requires_grad]
+        fixed += [n for n, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, fixed)
+        return DistributedDataParallel(model, device_ids=None)
 
 
 def init_world(use_gpu: bool | None = None) -> World:

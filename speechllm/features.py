@@ -4,6 +4,9 @@ Whisper's ``AudioEncoder.forward`` insists on 30 s of input. Running its layers 
 length (slicing the positional embedding) gives the same frames for the speech part at a fraction of
 the cost; ``pad_30s=True`` keeps the original behaviour and trims afterwards, for comparison.
 Audio is read with soundfile (no ffmpeg binary) and handed to Whisper as arrays.
+
+Stage 1 records the encoder in ``dump/<set>/whisper`` (:func:`read_whisper_record`), as ESPnet records
+``feats_type``: training takes it from there, and stage 5 names it in ``scores.json``.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from scipy.signal import resample_poly
 from whisper.model import ModelDimensions, Whisper
 
 from speechllm.config import load_yaml_dataclass
+from speechllm.io_utils import InputError, atomic_write
 from speechllm.pretrained import whisper_checkpoint
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = whisper.audio.SAMPLE_RATE
 MAX_SECONDS = whisper.audio.CHUNK_LENGTH
+WHISPER_RECORD = "whisper"  # the file name of stage 1's record in dump/<set>/
 
 
 @dataclass
@@ -35,7 +40,6 @@ class WhisperConfig:
     """How to get the encoder: a Whisper size name / checkpoint path, or a random tiny model."""
 
     name_or_path: str = "base"
-    download_root: str | None = None
     random_init_dims: dict = field(default_factory=dict)  # ModelDimensions fields; set for tests/mini
     seed: int = 0
     pad_30s: bool = False
@@ -61,7 +65,32 @@ def load_whisper(cfg: WhisperConfig, device: str = "cpu") -> Whisper:
         return model.to(device).eval()
     source = resolve_whisper(cfg.name_or_path)
     log.info("loading Whisper from %s", source)
-    return whisper.load_model(source, device=device, download_root=cfg.download_root).eval()
+    return whisper.load_model(source, device=device).eval()
+
+
+def whisper_record(spec: str) -> str:
+    """How stage 1 records ``--whisper``: a name as given, a file (checkpoint or YAML) by its absolute
+    path, so that training and ``speechllm-infer`` find it from any working directory."""
+    return str(Path(spec).resolve()) if Path(spec).is_file() else spec
+
+
+def write_whisper_record(path: Path, spec: str) -> None:
+    """One line naming the Whisper of ``spec`` (:func:`whisper_record`)."""
+    with atomic_write(path) as f:
+        f.write(whisper_record(spec) + "\n")
+
+
+def read_whisper_record(dump_dir: Path) -> str | None:
+    """The Whisper that stage 1 dumped ``dump_dir``'s features with; ``None`` for a dump older than the record."""
+    path = Path(dump_dir) / WHISPER_RECORD
+    if not path.exists():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or not lines[0].strip():
+        raise InputError(f"{path}:1: empty, expected the name or path of a Whisper model")
+    if len(lines) > 1:
+        raise InputError(f"{path}:2: expected one line (the name or path of a Whisper model), got {len(lines)}")
+    return lines[0].strip()
 
 
 def load_whisper_spec(spec: str, device: str = "cpu") -> tuple[Whisper, WhisperConfig]:

@@ -15,7 +15,8 @@ The reasoning trace explains each gold label by its description: the utterance's
 Targets are JSON with double quotes; a label with several values in the turn holds a list
 (``{"account_type": ["checking", "savings"]}``). The reasoning target follows the paper's Figure 3.
 The cascade baseline has the regular example's prompt and target, with Whisper's transcript of
-the turn in the audio's place and no features.
+the turn in the audio's place and no features. The rows' fields, with an example of each target, are
+described in docs/data.md.
 """
 
 from __future__ import annotations
@@ -33,7 +34,18 @@ from speechllm.slots import Slots, filled_slots, values_of
 
 log = logging.getLogger(__name__)
 
-MODES = ("regular", "reasoning", "hybrid", "cascade")
+MODES = ("regular", "reasoning", "hybrid", "cascade")  # training modes: one stage-2 JSONL file and one model each
+HYBRID = "hybrid"  # the mode whose prompts end in a /think or /no_think switch
+
+
+def decode_mode(mode: str, think: bool | None = None) -> str:
+    """A row's mode (and a decode dir's suffix): the training mode, with ``_think`` or ``_no_think`` for
+    the switch of a hybrid row."""
+    return mode if think is None else f"{mode}_{'think' if think else 'no_think'}"
+
+
+# every row mode, in the order of the results tables: the training mode and the switch it stands for
+DECODES = {decode_mode(m, t): (m, t) for m in MODES for t in ((False, True) if m == HYBRID else (None,))}
 
 
 @dataclass(frozen=True)
@@ -179,10 +191,10 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
                                                 {**descriptions, **utt_descriptions.get(utt, {})})}
         out["regular"].append({"id": utt, **regular})
         out["reasoning"].append({"id": utt, **reasoning})
-        out["hybrid"].append({"id": f"{utt}#no_think", **regular, "mode": "hybrid_no_think",
-                              "prompt": f"{draw.prompt} {prompts.NO_THINK}"})
-        out["hybrid"].append({"id": f"{utt}#think", **reasoning, "mode": "hybrid_think",
-                              "prompt": f"{draw.prompt} {prompts.THINK}"})
+        out[HYBRID].append({"id": f"{utt}#no_think", **regular, "mode": decode_mode(HYBRID, False),
+                            "prompt": f"{draw.prompt} {prompts.NO_THINK}"})
+        out[HYBRID].append({"id": f"{utt}#think", **reasoning, "mode": decode_mode(HYBRID, True),
+                            "prompt": f"{draw.prompt} {prompts.THINK}"})
         if asr is not None:
             out["cascade"].append({"id": utt, **regular, "mode": "cascade", "feats": None, "n_frames": 0,
                                    "prompt": prompts.text_prompt(draw.prompt, asr.get(utt, ""))})

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import make_tiny_speechllm
-from speechllm.align import AdapterAligner, CTCObjective, greedy_ctc, values_heard
+from speechllm.align import AdapterAligner, AlignConfig, CTCObjective, greedy_ctc, values_heard
 from speechllm.data import load_feats, read_examples
 from speechllm.model.ctc_head import CTCEmbeddingHead, token_vocab
+from speechllm.train_config import TrainConfig
 
 WORDS = "pay thirty dollars monthly raise limit five thousand name maria garcia card".split()
 
@@ -78,11 +79,10 @@ def test_collapse_keeps_one_token_space_vector_per_emitted_token():
 def test_align_vocab_config_is_checked(tmp_path):
     from speechllm.config import load_yaml_dataclass
     from speechllm.io_utils import InputError
-    from speechllm.train import TrainConfig
-
+    
     path = tmp_path / "train.yaml"
-    path.write_text("align_steps: 10\nalign_vocab: all\n")
-    with pytest.raises(InputError, match=rf"{path}: align_vocab must be 'transcripts' or 'full', not 'all'"):
+    path.write_text("align:\n  steps: 10\n  vocab: all\n")
+    with pytest.raises(InputError, match=rf"{path}: align: align.vocab must be 'transcripts' or 'full', not 'all'"):
         load_yaml_dataclass(path, TrainConfig)
 
 
@@ -141,14 +141,15 @@ def test_ctc_alignment_learns_to_transcribe(tmp_path):
 
 def test_trainer_runs_the_alignment_phase_once(tmp_path):
     from conftest import write_examples
-    from speechllm.train import TrainConfig, Trainer, tokenized
+    from speechllm.data import tokenized
+    from speechllm.train import Trainer
 
     rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
              "text": "pay thirty dollars"} for i in range(4)]
     jsonl = write_examples(tmp_path, rows)
     model, spec, base = make_tiny_speechllm(tmp_path, ["pay thirty dollars <audio> Find slots. {}"] * 20)
-    cfg = TrainConfig(batch_size=2, grad_accum=1, max_steps=2, align_steps=6, align_batch_size=2,
-                      align_eval_every=3, save_every=100, eval_every=2, eval_max_examples=2, eval_max_new_tokens=4)
+    cfg = TrainConfig(batch_size=2, grad_accum=1, max_steps=2, align=AlignConfig(steps=6, batch_size=2, eval_every=3),
+                      save_every=100, eval_every=2, eval_max_examples=2, eval_max_new_tokens=4)
     exp = tmp_path / "exp"
     data = tokenized(model, jsonl, exp / "tokens")
     Trainer(model, spec, cfg, data, data, exp, base).train()
@@ -167,14 +168,14 @@ def test_ctc_tokens_model_trains_saves_and_reloads(tmp_path):
     from conftest import tiny_llm_dict, write_examples
     from speechllm.model.builder import load_model
     from speechllm.model.speechllm import Encoded
-    from speechllm.train import TrainConfig, build_and_train
+    from speechllm.train import build_and_train
 
     rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
              "text": "pay thirty dollars"} for i in range(4)]
     jsonl = write_examples(tmp_path, rows)
     examples = read_examples(jsonl)
-    cfg = TrainConfig(batch_size=2, grad_accum=1, max_steps=2, align_steps=4, align_batch_size=2,
-                      align_eval_every=4, save_every=100, audio_input="ctc_tokens")
+    cfg = TrainConfig(batch_size=2, grad_accum=1, max_steps=2, align=AlignConfig(steps=4, batch_size=2, eval_every=4),
+                      save_every=100, audio_input="ctc_tokens")
     model = build_and_train(tiny_llm_dict(), cfg, jsonl, jsonl, tmp_path / "exp", mode="regular")
     spoken = model.tokenizer("pay thirty dollars", add_special_tokens=False)["input_ids"]
     assert model.ctc_head.vocab.tolist() == sorted(set(spoken))
@@ -207,15 +208,18 @@ def test_ctc_objective_is_the_per_token_mean_and_all_blank_for_an_empty_transcri
 
 def _ctc_weight_run(tmp_path, base, spec, jsonl, weight: float):
     from speechllm.model.builder import build_speechllm
-    from speechllm.train import Trainer, TrainConfig, new_ctc_head, set_seed, tokenized
+    from speechllm.align import new_ctc_head
+    from speechllm.checkpoint import set_seed
+    from speechllm.data import tokenized
+    from speechllm.train import Trainer
 
     cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=8, lr=0.0, adapter_lr=2e-2, warmup_ratio=0.0,
-                      align_steps=2, align_batch_size=2, align_eval_every=2, save_every=100, log_every=2,
+                      align=AlignConfig(steps=2, batch_size=2, eval_every=2), save_every=100, log_every=2,
                       audio_input="ctc_tokens", ctc_weight=weight)
     set_seed(cfg.seed)
     model = build_speechllm(spec, base)
     examples = read_examples(jsonl)
-    model.ctc_head = new_ctc_head(model, cfg, [e.text for e in examples])
+    model.ctc_head = new_ctc_head(model, cfg.align.vocab, [e.text for e in examples])
     train = tokenized(model, jsonl, tmp_path / "tokens" / "train")
     Trainer(model, spec, cfg, train, tokenized(model, jsonl, tmp_path / "tokens" / "valid", limit=2), tmp_path,
             base).train()
@@ -244,13 +248,12 @@ def test_ctc_weight_keeps_training_the_alignment_during_slot_filling(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("ctc_weight: -0.5\n", "ctc_weight must be >= 0, not -0.5"),
-    ("align_steps: 10\nctc_weight: 0.3\n", "ctc_weight .* needs audio_input: ctc_tokens"),
+    ("align:\n  steps: 10\nctc_weight: 0.3\n", "ctc_weight .* needs audio_input: ctc_tokens"),
 ])
 def test_ctc_weight_config_is_checked(tmp_path, text, message):
     from speechllm.config import load_yaml_dataclass
     from speechllm.io_utils import InputError
-    from speechllm.train import TrainConfig
-
+    
     path = tmp_path / "train.yaml"
     path.write_text(text)
     with pytest.raises(InputError, match=rf"{path}: {message}"):
@@ -260,9 +263,8 @@ def test_ctc_weight_config_is_checked(tmp_path, text, message):
 def test_ctc_tokens_needs_the_alignment_phase(tmp_path):
     from speechllm.config import load_yaml_dataclass
     from speechllm.io_utils import InputError
-    from speechllm.train import TrainConfig
-
+    
     path = tmp_path / "train.yaml"
     path.write_text("audio_input: ctc_tokens\n")
-    with pytest.raises(InputError, match=rf"{path}: audio_input: ctc_tokens .* needs align_steps > 0"):
+    with pytest.raises(InputError, match=rf"{path}: audio_input: ctc_tokens .* needs align.steps > 0"):
         load_yaml_dataclass(path, TrainConfig)

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_speechllm, write_examples
-from speechllm.data import TokenizedSet, bucketed_batches, load_feats, read_examples
+from speechllm.data import TokenizedSet, bucketed_batches, load_feats, read_examples, tokenized
 from speechllm.io_utils import InputError
-from speechllm.train import tokenized
 
 ROWS = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind the slots." + " Context: yes." * (i % 3),
          "target": json.dumps({"amount": f"{i} dollars"}), "text": f"{i} dollars", "slots": {"amount": f"{i} dollars"},
@@ -103,7 +102,8 @@ def test_batch_plan_is_the_plainly_written_plan(n, batch_size, bucket_batches):
 def test_fewer_rows_than_processes_is_refused(tmp_path, setup):
     from speechllm.distributed import World
     from speechllm.model.builder import ModelSpec
-    from speechllm.train import TrainConfig, Trainer
+    from speechllm.train import Trainer
+    from speechllm.train_config import TrainConfig
 
     model, jsonl = setup
     one_row = tokenized(model, jsonl, tmp_path / "tokens", limit=1)

@@ -56,7 +56,7 @@ def _item(model: SpeechLLM, example) -> Encoded:
 
 def _first_token(model: SpeechLLM, item: Encoded) -> int:
     """The greedy first response token, by a plain forward pass of the unpadded prompt."""
-    batch = model.build_batch([item], padding_side="left")
+    batch = model.build_batch([item])
     with torch.no_grad():
         return int(model.llm(inputs_embeds=batch["inputs_embeds"]).logits[0, -1].argmax())
 
@@ -120,7 +120,7 @@ def test_truncated_agrees_with_the_uncapped_length(tiny, monkeypatch):
     model, _, _, examples, _ = tiny
     items = [_item(model, e) for e in examples]
     # a stand-in EOS: the third token of row 0, which therefore ends within the cap
-    batch = model.build_batch(items[:1], padding_side="left")
+    batch = model.build_batch(items[:1])
     row0 = model.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
                               max_new_tokens=3, min_new_tokens=3, do_sample=False)[0].tolist()
     monkeypatch.setattr(model, "tokenizer", StandInEOS(model.tokenizer, row0[2]))

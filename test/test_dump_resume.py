@@ -114,6 +114,7 @@ def test_uninterrupted_dump_lists_every_turn(reference):
     assert all(reason.startswith(SKIPPED[key]) for key, reason in skipped.items())
     for name in ("feats.1.scp", "text_asr.1", "utt2num_frames.1"):
         assert len((reference["float32"] / name).read_text().splitlines()) == N_KEYS - len(SKIPPED), name
+    assert (reference["float32"] / "whisper.1").read_text() == f"{WHISPER.resolve()}\n"  # the set's record
 
 
 def test_float32_ark_is_what_a_kaldiio_write_helper_writes(reference, tmp_path):
@@ -229,12 +230,14 @@ def test_completed_job_is_kept_unless_its_settings_changed(data_dir, reference, 
     assert len(calls) == N_KEYS - len(SKIPPED) - 3
     assert_same_dump(outdir, reference["float16"])
 
-    (outdir / "text_asr.1").unlink()  # a completed job missing a list gets it back from its records
-    calls = count_encodes(monkeypatch, outdir)
-    dump(data_dir, outdir, "--feats_dtype", "float16")
-    assert "job 1/1: complete, but text_asr.1 missing: written again from progress.1.jsonl" in caplog.text
-    assert not calls
-    assert_same_dump(outdir, reference["float16"])
+    for name in ("text_asr.1", "whisper.1"):  # a completed job missing a list gets it back from its records
+        (outdir / name).unlink()
+        calls = count_encodes(monkeypatch, outdir)
+        dump(data_dir, outdir, "--feats_dtype", "float16")
+        assert f"job 1/1: complete, but {name} missing: written again from progress.1.jsonl" in caplog.text
+        assert not calls
+        assert_same_dump(outdir, reference["float16"])
+        assert (outdir / "whisper.1").read_text() == f"{WHISPER.resolve()}\n"
 
 
 def test_float16_features_take_half_the_disk_and_load_unchanged(reference):

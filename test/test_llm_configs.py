@@ -1,4 +1,4 @@
-"""One YAML per foundation model (SPEC §3), and the per-family prompt details they configure."""
+"""One YAML per foundation model (docs/model.md), and the per-family prompt details they configure."""
 
 import pytest
 import yaml

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_speechllm
-from speechllm.bin.dump_feats import job_slice
+from speechllm.jobs import job_slice
 from speechllm.features import WhisperConfig, encode, load_whisper
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.speechllm import IGNORE_INDEX
@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
 def test_loss_is_on_response_tokens_only(tiny):
     item = tiny.encode(torch.randn(30, 16), "<audio>\nFind slot values. Format the output as JSON.",
                        '{"a": "b"}')
-    batch = tiny.build_batch([item], padding_side="right")
+    batch = tiny.build_batch([item])  # one row: no padding
     labels = batch["labels"][0]
     n_audio = 30 // 4
     n_prompt = len(item.before) + n_audio + len(item.after)
@@ -61,8 +61,9 @@ def test_audio_conditions_the_response(tiny):
     assert tiny.adapter.mlp[0].weight.grad.abs().sum() > 0
 
 
-def test_loss_on_the_kept_logits_equals_the_full_right_padded_loss(tiny):
-    """Training runs the LM head on the target positions only; loss and gradients must not change."""
+def test_loss_on_the_kept_logits_equals_the_full_unpadded_loss(tiny):
+    """Training pads on the left and runs the LM head on the target positions only; loss and gradients
+    must equal those of every example on its own, unpadded, with the LM head on every position."""
     torch.manual_seed(3)
     items = [tiny.encode(torch.randn(n, 16), p, t) for n, p, t in [
         (40, "<audio>\nFind slot values.", '{"amount": "40 dollars", "account_type": "savings"}'),
@@ -76,15 +77,15 @@ def test_loss_on_the_kept_logits_equals_the_full_right_padded_loss(tiny):
         return loss.detach(), [p.grad.clone() for p in tiny.parameters() if p.grad is not None]
 
     def full_loss():
-        batch = tiny.build_batch(items, padding_side="right")
-        return tiny.llm(**batch, num_items_in_batch=sum(len(it.target) for it in items)).loss
+        n_target = sum(len(it.target) for it in items)
+        return sum(tiny.llm(**tiny.build_batch([it]), num_items_in_batch=n_target).loss for it in items)
 
     kept, kept_grads = grads(lambda: tiny(items, num_items_in_batch=sum(len(it.target) for it in items)))
     full, full_grads = grads(full_loss)
     torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
     assert len(kept_grads) == len(full_grads) > 0
     for a, b in zip(kept_grads, full_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order
 
 
 def test_padding_does_not_change_the_loss(tiny):

@@ -8,12 +8,13 @@ from dataclasses import asdict, replace
 import pytest
 
 from conftest import make_tiny_speechllm, write_examples
-from speechllm.data import read_examples
+from speechllm.data import read_examples, tokenized
 from speechllm.decode import decode_examples
 from speechllm.formatting import reasoning_target, regular_target
 from speechllm.prompts import text_prompt
 from speechllm.metrics import score_corpus
-from speechllm.train import TrainConfig, Trainer, tokenized
+from speechllm.train import Trainer
+from speechllm.train_config import TrainConfig
 
 UTTERANCES = [
     ("u1", "I pay thirty dollars monthly.", {"payment_amount": "thirty dollars", "payment_frequency": "monthly"},

@@ -23,7 +23,7 @@ def _string(name: str) -> bytes:
 
 
 def write_ct2(path, variables: dict[str, np.ndarray], aliases: dict[str, str]) -> None:
-    """A CTranslate2 version-6 file written from the format description (SPEC §7)."""
+    """A CTranslate2 version-6 file written from the format description (docs/model.md, Pretrained weights)."""
     codes = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
              np.dtype(np.float16): 4}
     out = struct.pack("<I", 6) + _string("WhisperSpec") + struct.pack("<II", 3, len(variables))

@@ -40,6 +40,8 @@ def test_mini_preset_produces_every_stage_output(recipe, monkeypatch):
         assert next(iter(feats.values())).shape[1] == 64  # the tiny encoder's width
         for mode in MODES:
             assert (recipe / "dump" / dset / f"{mode}.jsonl").stat().st_size > 0
+        whisper = (recipe / "conf" / "whisper" / "tiny_random.yaml").resolve()
+        assert (recipe / "dump" / dset / "whisper").read_text() == f"{whisper}\n"  # stage 1's record
     for mode, decode_modes in MODES.items():
         exp = recipe / "exp" / f"tiny_llama_{mode}"
         assert (exp / "model" / "adapter.pt").exists() == (mode != "cascade")  # the cascade reads no audio
@@ -57,6 +59,9 @@ def test_mini_preset_produces_every_stage_output(recipe, monkeypatch):
                 assert 0.0 <= scores[metric]["f1"] <= 1.0
             assert scores["n_utts"] == n_refs and scores["n_missing"] == 0
             assert "per_slot" in scores and "n_unparseable" in scores
+            assert scores["run"] == {"llm": "tiny_llama", "mode": mode, "think": {"hybrid_think": True,
+                                     "hybrid_no_think": False}.get(name), "tag": None, "set": "test",
+                                     "whisper": str(whisper), "exp_dir": f"exp/tiny_llama_{mode}"}
     results = (recipe / "exp" / "RESULTS.md").read_text()
     assert "Table 1" in results and "hybrid_think" in results and "tiny_llama" in results
     assert "| tiny_llama | test | cascade |" in results and (recipe / "exp" / "RESULTS_f1.png").exists()
@@ -169,3 +174,91 @@ def test_adding_a_foundation_model_as_the_readme_says(recipe):
         exp = "tiny_phi3_" + mode.split("_")[0]
         scores = json.loads((recipe / "exp" / exp / f"decode_test_{mode}" / "score" / "scores.json").read_text())
         assert scores["n_utts"] > 0 and scores["n_missing"] == 0
+
+
+def test_stage5_names_each_run_and_keeps_the_recipe_results(tmp_path):
+    """Stage 5 alone on hand-made stage-2 files and hypotheses: scores.json holds the run's identity, and
+    the tables go to exp/RESULTS.md, not to the recipe's committed RESULTS.md."""
+    from test_results import write_stage2
+
+    recipe = copy_recipe(tmp_path)
+    committed = (recipe / "RESULTS.md").read_bytes()
+    write_stage2(recipe / "dump" / "test", "hybrid")
+    (recipe / "dump" / "test" / "whisper").write_text("/models/whisper/base.pt\n")  # stage 1's record
+    rows = [json.loads(line) for line in (recipe / "dump" / "test" / "hybrid.jsonl").read_text().splitlines()]
+    for name in ("hybrid_no_think", "hybrid_think"):
+        ddir = recipe / "exp" / "tiny_llama_hybrid_t1" / f"decode_test_{name}"
+        ddir.mkdir(parents=True)
+        (ddir / "hyp.jsonl").write_text("".join(json.dumps({"id": r["id"], "slots": r["slots"]}) + "\n"
+                                                for r in rows if r["mode"] == name))
+    proc = run(recipe, "--stage", "5", "--llm", "tiny_llama", "--mode", "hybrid", "--tag", "t1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name, think in (("hybrid_no_think", False), ("hybrid_think", True)):
+        scores = recipe / "exp" / "tiny_llama_hybrid_t1" / f"decode_test_{name}" / "score" / "scores.json"
+        assert json.loads(scores.read_text())["run"] == {
+            "llm": "tiny_llama", "mode": "hybrid", "think": think, "tag": "t1", "set": "test",
+            "whisper": "/models/whisper/base.pt", "exp_dir": "exp/tiny_llama_hybrid_t1"}
+    results = (recipe / "exp" / "RESULTS.md").read_text()
+    assert "| tiny_llama_t1 | test | hybrid_think | 1.0000 / 1.0000 / 1.0000 |" in results
+    assert (recipe / "exp" / "RESULTS_f1.png").exists()
+    assert (recipe / "RESULTS.md").read_bytes() == committed and not (recipe / "RESULTS_f1.png").exists()
+
+    proc = run(recipe, "--stage", "5", "--mode", "regular,hybrid")
+    assert proc.returncode != 0
+    assert "unknown mode 'regular,hybrid': regular, reasoning, hybrid, cascade or all" in proc.stderr
+    proc = run(recipe, "--help")
+    for option in ('train_args=""', 'llm_args=""', "force_config=false", "results_md=exp/RESULTS.md"):
+        assert option in proc.stderr, option
+
+
+FAKE_RUN = f"""#!{sys.executable}
+# Stands in for run.sh under local/run_grid.sh: records its arguments and scores a made-up run the way
+# sf.sh's stage 5 names it, in a dir named nothing like exp/<llm>_<mode>.
+import argparse, json, sys
+from pathlib import Path
+from speechllm.formatting import DECODES
+with open("run_calls.txt", "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+parser = argparse.ArgumentParser()
+for name in ("--llm", "--mode", "--tag", "--results_md"):
+    parser.add_argument(name)
+args, _ = parser.parse_known_args()
+n = len(list(Path("exp").glob("run*")))
+for name, (mode, think) in DECODES.items():
+    if mode != args.mode:
+        continue
+    prf = {{"precision": 0.5, "recall": 0.5, "f1": 0.5}}
+    score = Path("exp", f"run{{n}}", f"d_{{name}}", "score")
+    score.mkdir(parents=True)
+    (score / "scores.json").write_text(json.dumps({{
+        "run": {{"llm": args.llm, "mode": args.mode, "think": think, "tag": args.tag or None, "set": "test",
+                "whisper": "base", "exp_dir": f"exp/run{{n}}"}},
+        "partial": prf, "exact": prf, "slu_f1": prf, "n_utts": 2, "n_unparseable": 0, "n_missing": 0}}))
+"""
+
+
+def test_grid_keeps_its_tag_and_finds_runs_by_their_identity(tmp_path):
+    recipe = copy_recipe(tmp_path)
+    (recipe / "run.sh").unlink()
+    (recipe / "run.sh").write_text(FAKE_RUN)
+    (recipe / "run.sh").chmod(0o755)
+    subprocess.run(["./run.sh", "--llm", "tiny_llama", "--mode", "regular", "--tag", ""], cwd=recipe, check=True)
+    (recipe / "run_calls.txt").unlink()  # an untagged run from before: not the grid's tagged one
+
+    grid = ["local/run_grid.sh", "--llms", "tiny_llama", "--modes", "regular hybrid", "--preset", "mini",
+            "--results_md", "exp/GRID.md"]
+    proc = subprocess.run([*grid, "--tag", "lr1e-3"], cwd=recipe, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    calls = (recipe / "run_calls.txt").read_text().splitlines()
+    assert calls == [f"--preset mini --stage 3 --stop_stage 5 --llm tiny_llama --mode {mode} --tag lr1e-3 "
+                     f"--results_md exp/GRID_runs/tiny_llama_{mode}_lr1e-3.md" for mode in ("regular", "hybrid")]
+    table = (recipe / "exp" / "GRID.md").read_text()
+    for mode in ("regular", "hybrid_no_think", "hybrid_think"):
+        assert f"| tiny_llama_lr1e-3 | test | {mode} | 0.5000 / 0.5000 / 0.5000 |" in table
+    assert "| tiny_llama | test |" not in table  # the untagged run is another system
+    assert "--tag lr1e-3" in table and (recipe / "exp" / "GRID_f1.png").exists()
+
+    proc = subprocess.run([*grid, "--tag=lr1e-3"], cwd=recipe, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len((recipe / "run_calls.txt").read_text().splitlines()) == 2  # nothing trained again
+    assert "grid: tiny_llama hybrid lr1e-3 already scored in exp/run2 " in proc.stdout + proc.stderr

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from conftest import make_tiny_speechllm, write_examples
-from speechllm.train import TimeLimit, TrainConfig, Trainer, tokenized
+from speechllm.budget import TimeLimit
+from speechllm.data import tokenized
+from speechllm.train import Trainer
+from speechllm.train_config import TrainConfig
 
 ROWS = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind the slots.", "target": '{"amount": "%d dollars"}' % (10 * i),
          "text": f"{10 * i} dollars", "slots": {"amount": f"{10 * i} dollars"}, "n_frames_to_make": 20 + 4 * i}
@@ -16,6 +19,10 @@ ROWS = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind the slots.", "target": '{"a
 
 class Killed(Exception):
     pass
+
+
+def trainable(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
 def fresh_trainer(tmp_path, outdir, num_workers=0):
@@ -51,11 +58,11 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, 
     resumed = fresh_trainer(tmp_path, "resumed", num_workers)  # a new process: fresh model, same experiment dir
     resumed.train()
     assert resumed.step == whole.step == 9
-    a, b = whole.trainable_state(), resumed.trainable_state()
+    a, b = trainable(whole), trainable(resumed)
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
-    assert any((a[n] - killed.trainable_state()[n]).abs().max() > 1e-4 for n in a)  # the kill did cost steps
+    assert any((a[n] - trainable(killed)[n]).abs().max() > 1e-4 for n in a)  # the kill did cost steps
 
 
 @pytest.mark.slow
@@ -83,7 +90,7 @@ def test_a_run_stopped_for_the_time_limit_resumes_to_the_uninterrupted_weights(t
 
     resumed = fresh_trainer(tmp_path, "stopped")
     resumed.train()
-    a, b = whole.trainable_state(), resumed.trainable_state()
+    a, b = trainable(whole), trainable(resumed)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
 

@@ -72,7 +72,8 @@ def rank_startup(tokens: Path, llm_config: Path) -> dict:
     global batches and takes its share, so one process without a process group measures it."""
     from speechllm.data import TokenizedSet
     from speechllm.model.builder import ModelSpec
-    from speechllm.train import TrainConfig, Trainer
+    from speechllm.train import Trainer
+    from speechllm.train_config import TrainConfig
 
     model = load_text_model(llm_config)
     before = rss_mb()
@@ -88,7 +89,7 @@ def rank_startup(tokens: Path, llm_config: Path) -> dict:
 
 
 def startup(args: argparse.Namespace) -> dict:
-    from speechllm.train import tokenized
+    from speechllm.data import tokenized
 
     model = load_text_model(args.llm_config)
     results = []

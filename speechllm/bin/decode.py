@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from speechllm.bin.dump_feats import job_slice
 from speechllm.data import read_examples
 from speechllm.decode import CAP_MARGIN, CAP_SCALE, decode_examples, new_token_cap
+from speechllm.formatting import DECODES
 from speechllm.io_utils import atomic_write
+from speechllm.jobs import job_slice
 from speechllm.logging_utils import setup_logging
 from speechllm.model.builder import load_model, read_spec
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model_dir", type=Path, required=True)
     parser.add_argument("--jsonl", type=Path, required=True)
-    parser.add_argument("--mode", help="only rows of this mode (hybrid_think, hybrid_no_think)")
+    parser.add_argument("--mode", choices=DECODES, help="only rows of this mode (a hybrid file holds two)")
     parser.add_argument("--output", type=Path, required=True, help="hypothesis JSONL to write")
     parser.add_argument("--job", type=int, default=1)
     parser.add_argument("--nj", type=int, default=1)

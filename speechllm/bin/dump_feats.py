@@ -1,7 +1,9 @@
 """Stage 1, one job: frozen Whisper encoder outputs to ark/scp and Whisper ASR hypotheses.
 
 Job ``J`` of ``N`` takes the J-th contiguous chunk of the sorted ``wav.scp``; the recipe merges the
-per-job ``feats.J.scp``, ``text_asr.J``, ``utt2num_frames.J`` and ``skipped.J`` files. Unusable turns
+per-job ``feats.J.scp``, ``text_asr.J``, ``utt2num_frames.J`` and ``skipped.J`` files, and takes
+``whisper.J`` (the Whisper name, or the absolute path of a checkpoint or YAML file) as the set's
+``whisper`` record, which training reads when it is given no ``--whisper``. Unusable turns
 (missing, corrupt, empty, over 30 s) are skipped, listed with the reason, and counted in the log.
 
 A job can be killed at any moment and rerun (same ``--outdir``, ``--job``, ``--nj``) without losing
@@ -41,21 +43,14 @@ import torch
 from tqdm import tqdm
 
 from speechllm.config import load_yaml_dataclass
-from speechllm.features import WhisperConfig, check_audio, encode, load_whisper, transcribe
+from speechllm.features import WhisperConfig, check_audio, encode, load_whisper, transcribe, write_whisper_record
 from speechllm.io_utils import InputError, atomic_write, read_kaldi_map
+from speechllm.jobs import job_slice
 from speechllm.logging_utils import setup_logging
 
 log = logging.getLogger(__name__)
 
 FEATS_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def job_slice(keys: list[str], job: int, nj: int) -> list[str]:
-    """Contiguous chunk ``job`` (1-based) of ``nj`` over sorted keys."""
-    keys = sorted(keys)
-    size, rest = divmod(len(keys), nj)
-    start = (job - 1) * size + min(job - 1, rest)
-    return keys[start : start + size + (1 if job <= rest else 0)]
 
 
 def whisper_config(spec: str) -> WhisperConfig:
@@ -124,6 +119,7 @@ class JobFiles:
         self.ark, self.scp = outdir / f"feats.{job}.ark", outdir / f"feats.{job}.scp"
         self.partial, self.progress = Path(f"{self.ark}.partial"), outdir / f"progress.{job}.jsonl"
         self.lists = {name: outdir / f"{name}.{job}" for name in ("text_asr", "utt2num_frames", "skipped")}
+        self.whisper = outdir / f"whisper.{job}"  # the recipe's dump/<set>/whisper record
 
 
 def records_to_keep(files: JobFiles, settings: dict, keys: list[str], wav_scp: dict[str, str],
@@ -134,11 +130,11 @@ def records_to_keep(files: JobFiles, settings: dict, keys: list[str], wav_scp: d
                                        wav_scp)
     if complete:
         if reason is None and files.progress.exists() and len(records) == len(keys):
-            missing = [p.name for p in (files.scp, *files.lists.values()) if not p.exists()]
+            missing = [p.name for p in (files.scp, *files.lists.values(), files.whisper) if not p.exists()]
             if missing:  # the records hold everything they say: write them again, keep the ark
                 log.warning("%s: complete, but %s missing: written again from %s", job_name, ", ".join(missing),
                             files.progress.name)
-                write_lists(files, records)
+                write_lists(files, records, settings["whisper"])
             else:
                 log.info("%s: already complete with the same settings, keys and wav paths: nothing to do", job_name)
             return None
@@ -158,7 +154,7 @@ def start_from(files: JobFiles, settings: dict, records: list[dict]) -> int:
     """Remove the final files (they appear only when the job completes), rewrite the progress file with
     the kept records (dropping an unfinished line), then cut the ark back to where their last matrix
     ends; return that offset."""
-    for path in (files.scp, *files.lists.values(), files.ark):
+    for path in (files.scp, *files.lists.values(), files.whisper, files.ark):
         path.unlink(missing_ok=True)
     with atomic_write(files.progress) as f:
         f.writelines(json.dumps(obj) + "\n" for obj in [settings, *records])
@@ -168,18 +164,19 @@ def start_from(files: JobFiles, settings: dict, records: list[dict]) -> int:
     return end
 
 
-def write_lists(files: JobFiles, records: list[dict]) -> None:
-    """The scp and the per-key lists the recipe merges, from the records."""
+def write_lists(files: JobFiles, records: list[dict], whisper: str) -> None:
+    """The scp and the per-key lists the recipe merges, from the records, and the record of ``--whisper``."""
     with atomic_write(files.scp) as f:
         f.writelines(f"{r['key']} {files.ark}:{r['offset']}\n" for r in records if "offset" in r)
     for name, field in (("text_asr", "text"), ("utt2num_frames", "frames"), ("skipped", "skipped")):
         with atomic_write(files.lists[name]) as f:
             f.writelines(f"{r['key']} {r[field]}\n" for r in records if field in r)
+    write_whisper_record(files.whisper, whisper)
 
 
-def write_outputs(files: JobFiles, records: list[dict]) -> None:
+def write_outputs(files: JobFiles, records: list[dict], whisper: str) -> None:
     """The files the recipe merges; the ark is renamed last, marking the job complete."""
-    write_lists(files, records)
+    write_lists(files, records, whisper)
     os.replace(files.partial, files.ark)
 
 
@@ -202,10 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     wav_scp = read_kaldi_map(args.data_dir / "wav.scp")
     keys = job_slice(list(wav_scp), args.job, args.nj)
     cfg = whisper_config(args.whisper)
-    # download_root only says where weights are cached: it changes no output. Greedy ASR decodes in
-    # float16 on a GPU, so its transcripts depend on the device (the features differ by rounding only).
+    # Greedy ASR decodes in float16 on a GPU, so its transcripts depend on the device (the features
+    # differ by rounding only).
     settings = {"whisper": args.whisper, "asr": args.asr, "feats_dtype": args.feats_dtype,
-                "whisper_config": {k: v for k, v in asdict(cfg).items() if k != "download_root"},
+                "whisper_config": asdict(cfg),
                 "asr_device": torch.device(args.device).type if args.asr else None}
     settings = json.loads(json.dumps(settings))  # as an earlier run's settings read back from JSON
     job_name = f"job {args.job}/{args.nj}"
@@ -243,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             progress.write(json.dumps(record) + "\n")
             progress.flush()
             records.append(record)
-    write_outputs(files, records)
+    write_outputs(files, records, args.whisper)
     n_skipped = sum("skipped" in r for r in records)
     elapsed = time.time() - start
     log.info("%s: %d utterances encoded (%d in this run), %d skipped, %.1f s audio in %.1f s (RTF %.3f)",

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from speechllm import prompts
 from speechllm.features import check_audio, encode, load_whisper_spec, transcribe
+from speechllm.io_utils import InputError
 from speechllm.logging_utils import setup_logging
-from speechllm.model.builder import SPEC_FILE, load_model
+from speechllm.model.builder import SPEC_FILE, load_model, read_spec
 from speechllm.parsing import parse_slots, response_part
 
 
@@ -49,13 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(logging.WARNING)
 
     model_dir = args.exp / "model" if (args.exp / "model" / SPEC_FILE).exists() else args.exp
-    spec = yaml.safe_load((model_dir / SPEC_FILE).read_text(encoding="utf-8"))
-    if not spec.get("whisper"):
+    try:
+        spec = read_spec(model_dir)
+    except (FileNotFoundError, InputError) as err:
+        sys.exit(str(err))
+    if not spec.whisper:
         sys.exit(f"{model_dir / SPEC_FILE} does not record its Whisper encoder; retrain with sf.sh")
-    mode = spec.get("mode")
+    mode = spec.mode
     if args.think and mode == "regular":
         sys.exit("--think needs a reasoning or hybrid model; this one was trained in regular mode")
-    encoder, cfg = load_whisper_spec(spec["whisper"], args.device)
+    encoder, cfg = load_whisper_spec(spec.whisper, args.device)
     model = load_model(model_dir, args.device)
     slots = [s.strip() for s in args.slots.split(",") if s.strip()]
     # only hybrid models take a switch; they answer directly unless --think is given

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from speechllm.io_utils import atomic_write
+from speechllm.plots import plot_curves
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,29 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     labels = args.labels or [e.name for e in args.exps]
     if len(labels) != len(args.exps):
         parser.error("give one label per experiment")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    table = []
-    for exp, label in zip(args.exps, labels):
-        points = [json.loads(line) for line in (exp / "curve.jsonl").read_text().splitlines()]
-        minutes = [p["train_s"] / 60 for p in points]
-        for ax, key in zip(axes, ("dev_partial_f1", "dev_exact_f1")):
-            ax.plot(minutes, [p[key] for p in points], "o-", label=label)
-        table.append((label, points))
-    for ax, title in zip(axes, ("partial F1 (dev)", "exact F1 (dev)")):
-        ax.set_xlabel("minutes of training (alignment included)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_write(args.output, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    for label, points in table:
+    curves = [(label, [json.loads(line) for line in (exp / "curve.jsonl").read_text().splitlines()])
+              for exp, label in zip(args.exps, labels)]
+    plot_curves(curves, args.output)
+    for label, points in curves:
         print(f"{label}: " + ", ".join(f"{p['train_s'] / 60:.1f} min: partial {p['dev_partial_f1']:.3f} "
                                        f"exact {p['dev_exact_f1']:.3f}" for p in points))
 

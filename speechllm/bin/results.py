@@ -1,5 +1,9 @@
 """Stage 5: gather ``score/scores.json`` of decode dirs into a RESULTS.md in the paper's layout.
 
+Each ``scores.json`` names its run (LLM config, mode, the hybrid switch, tag, test set, Whisper, exp
+dir; see :mod:`speechllm.bin.score`), so the tables never depend on how the dirs are named. A
+system is the LLM config with the run's tag.
+
 Table 1 puts each system's regular and reasoning partial-match P/R/F1 side by side with the
 relative gain ΔF1 % = (F1_reasoning - F1_regular) / F1_regular x 100; Table 2 compares the hybrid
 model in each of its modes with the single-mode model of that mode; the cascade table sets the
@@ -7,21 +11,28 @@ ASR + text-LLM baseline beside each system's best end-to-end mode. A full table 
 SLU-F1 as well, with the count of unparseable outputs, and a group table splits the scores by the
 groups of ``scores.json`` (SGD's seen and unseen services); ``--plot`` draws partial F1 per system
 and mode.
+
+``--llms``, ``--modes`` and ``--tag`` keep only the runs they name (``local/run_grid.sh`` gives them
+every scored dir of ``exp/``); ``--list`` prints the decode dirs kept instead of writing anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import re
 from pathlib import Path
 
-from speechllm.io_utils import atomic_write
+from speechllm.formatting import DECODES, HYBRID, MODES, decode_mode
+from speechllm.io_utils import InputError, atomic_write
+from speechllm.logging_utils import setup_logging
+from speechllm.plots import plot_f1
 
-MODES = ("regular", "reasoning", "hybrid_no_think", "hybrid_think", "cascade")
-END_TO_END = MODES[:-1]
-_DECODE_RE = re.compile(r"^decode_(?P<set>.+)_(?P<mode>regular|reasoning|hybrid_no_think|hybrid_think|cascade)$")
+log = logging.getLogger(__name__)
+
+END_TO_END = [d for d, (mode, _) in DECODES.items() if mode != "cascade"]
+Table = dict[tuple[str, str], dict[str, dict]]  # {(system, test set): {row mode: scores}}
 
 
 def prf(r: dict) -> str:
@@ -32,20 +43,63 @@ def delta(new: float, base: float) -> str:
     return f"{(new - base) / base * 100:+.2f}" if base > 0 else "n/a"
 
 
-def collect(decode_dirs: list[Path]) -> dict[tuple[str, str], dict[str, dict]]:
-    """``{(system, test set): {mode: scores}}``; the system is the exp dir name without its mode."""
-    table: dict[tuple[str, str], dict[str, dict]] = {}
+def read_run(ddir: Path) -> tuple[dict, dict] | None:
+    """The run identity and the scores of a decode dir; ``None`` (with a warning) when its scores.json
+    predates the identity: no table can place it."""
+    path = ddir / "score" / "scores.json"
+    if not path.is_file():
+        raise InputError(f"{path} not found: score {ddir} first (stage 5)")
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: {e.msg}") from None
+    run = scores.get("run")
+    if run is None:
+        log.warning("%s names no run (scored before scores.json recorded it): left out; score it again "
+                    "with stage 5 to include it", path)
+        return None
+    if not run.get("llm") or not run.get("set") or (run.get("mode"), run.get("think")) not in DECODES.values():
+        raise InputError(f"{path}: run {run} needs an llm, a set, and a mode of {', '.join(MODES)} "
+                         "(with think true or false for hybrid, null otherwise)")
+    return run, scores
+
+
+def system_of(run: dict) -> str:
+    """A table row's system: the LLM config, and the tag that sets the run apart from others of it."""
+    return f"{run['llm']}_{run['tag']}" if run.get("tag") else run["llm"]
+
+
+def select(decode_dirs: list[Path], llms: list[str] | None = None, modes: list[str] | None = None,
+           tag: str | None = None) -> list[tuple[Path, dict, dict]]:
+    """``(decode dir, run, scores)`` of the runs of these LLMs, modes and tag (``None``: any; tag ``""``:
+    untagged runs only)."""
+    kept = []
     for ddir in decode_dirs:
-        match = _DECODE_RE.match(ddir.name)
-        scores_path = ddir / "score" / "scores.json"
-        if not match or not scores_path.exists():
+        found = read_run(ddir)
+        if found is None:
             continue
-        system = re.sub(r"_(regular|reasoning|hybrid|cascade)(?=_|$)", "", ddir.parent.name, count=1)
-        table.setdefault((system, match["set"]), {})[match["mode"]] = json.loads(scores_path.read_text())
+        run, scores = found
+        if ((llms is None or run["llm"] in llms) and (modes is None or run["mode"] in modes)
+                and (tag is None or (run.get("tag") or "") == tag)):
+            kept.append((ddir, run, scores))
+    return kept
+
+
+def collect(runs: list[tuple[Path, dict, dict]]) -> Table:
+    """The runs' scores by system, test set and row mode; two decode dirs of one run are an error."""
+    table: Table = {}
+    where: dict[tuple[str, str, str], Path] = {}
+    for ddir, run, scores in runs:
+        key = (system_of(run), run["set"], decode_mode(run["mode"], run["think"]))
+        if key in where:
+            raise InputError(f"{where[key]} and {ddir} both score {key[0]} on {key[1]} in mode {key[2]}: "
+                             "give one of them (or tag the runs apart)")
+        where[key] = ddir
+        table.setdefault(key[:2], {})[key[2]] = scores
     return table
 
 
-def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | None, command: str) -> str:
+def render(table: Table, stage_times: Path | None, command: str) -> str:
     out = ["# Results", "", f"Produced by `{command}`.", "",
            "All numbers are micro-averaged over (slot, value) pairs with a filled value; partial match is "
            "the paper's headline metric (see `speechllm/metrics.py`).", "",
@@ -61,7 +115,7 @@ def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | No
             "| system | test set | mode | single-mode P / R / F1 | hybrid P / R / F1 | ΔF1 % |",
             "|---|---|---|---|---|---|"]
     for (system, dset), modes in sorted(table.items()):
-        for single, hybrid in (("regular", "hybrid_no_think"), ("reasoning", "hybrid_think")):
+        for single, hybrid in (("regular", decode_mode(HYBRID, False)), ("reasoning", decode_mode(HYBRID, True))):
             if hybrid in modes:
                 base = modes.get(single)
                 d = delta(modes[hybrid]["partial"]["f1"], base["partial"]["f1"]) if base else "n/a"
@@ -84,7 +138,7 @@ def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | No
                 "| system | test set | mode | all | " + " | ".join(groups) + " |",
                 "|---|---|---|---|" + "---|" * len(groups)]
         for (system, dset), modes in sorted(table.items()):
-            for mode in MODES:
+            for mode in DECODES:
                 if mode in modes:
                     r = modes[mode]
                     cells = [f"{prf(r['groups'][g]['partial'])} ({r['groups'][g]['n_utts']})"
@@ -95,7 +149,7 @@ def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | No
             "| system | test set | mode | partial P / R / F1 | exact P / R / F1 | SLU-F1 P / R / F1 | "
             "utts | unparseable | missing | truncated |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (system, dset), modes in sorted(table.items()):
-        for mode in MODES:
+        for mode in DECODES:
             if mode in modes:
                 r = modes[mode]
                 out.append(f"| {system} | {dset} | {mode} | {prf(r['partial'])} | {prf(r['exact'])} | "
@@ -110,45 +164,31 @@ def render(table: dict[tuple[str, str], dict[str, dict]], stage_times: Path | No
     return "\n".join(out) + "\n"
 
 
-def plot(table: dict[tuple[str, str], dict[str, dict]], png: Path) -> None:
-    """Grouped bars: partial-match F1 of every system (and test set) in every mode it has."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted(table)
-    width = 0.8 / len(MODES)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys)), 4))
-    for j, mode in enumerate(MODES):
-        xs = [i + (j - (len(MODES) - 1) / 2) * width for i, k in enumerate(keys) if mode in table[k]]
-        ys = [table[k][mode]["partial"]["f1"] for k in keys if mode in table[k]]
-        if xs:
-            ax.bar_label(ax.bar(xs, ys, width, label=mode), fmt="%.2f", fontsize=6)  # zeros stay visible
-    ax.set_xticks(range(len(keys)), [f"{s}\n({d})" for s, d in keys], fontsize=8)
-    ax.set_ylabel("partial-match F1")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(png, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--decode_dirs", type=Path, nargs="+", required=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decode_dirs", type=Path, nargs="*", required=True)
+    parser.add_argument("--llms", nargs="+", help="keep only runs of these LLM configs")
+    parser.add_argument("--modes", nargs="+", choices=MODES, help="keep only runs of these training modes")
+    parser.add_argument("--tag", help="keep only runs with this tag ('': untagged runs)")
+    parser.add_argument("--list", action="store_true", help="print the decode dirs kept, one a line; write nothing")
     parser.add_argument("--stage_times", type=Path)
     parser.add_argument("--command", default="run.sh")
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path)
     parser.add_argument("--plot", type=Path, help="bar chart PNG of partial F1 per system and mode")
     args = parser.parse_args(argv)
-    table = collect(args.decode_dirs)
+    setup_logging()
+    runs = select(args.decode_dirs, args.llms, args.modes, args.tag)
+    if args.list:
+        print("".join(f"{ddir}\n" for ddir, _, _ in runs), end="")
+        return
+    if args.output is None:
+        parser.error("--output is required (unless --list)")
+    if not runs:
+        raise InputError(f"no scored run among {len(args.decode_dirs)} decode dir(s) to write {args.output} from")
+    table = collect(runs)
     text = render(table, args.stage_times, args.command)
     if args.plot:
-        plot(table, args.plot)
+        plot_f1(table, args.plot)
         text += f"\n![partial F1 per system and mode]({os.path.relpath(args.plot, args.output.parent)})\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.output) as f:

@@ -4,6 +4,12 @@ Writes ``scores.json`` (partial, exact, SLU-F1 and span F1, per-slot scores, cou
 unparseable and truncated outputs, and how many matched values the prompt's text also holds) and
 ``result.txt`` (the same as a table) into ``--outdir``. With ``--utt2group`` (e.g. SGD's seen and unseen
 services) each group is also scored on its own.
+
+``scores.json`` starts with ``run``, the identity of what was scored, so that results tables never
+parse dir names: ``llm`` and ``tag`` as the recipe gives them, ``mode`` (the training mode) and
+``think`` (``true``/``false`` for a hybrid model's /think and /no_think rows, else ``null``) from
+``--mode``, ``set``, ``exp_dir``, and ``whisper``: stage 1's record of the scored set, else the
+encoder the model dir recorded.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ import logging
 from pathlib import Path
 
 from speechllm.data import read_examples
+from speechllm.features import read_whisper_record
+from speechllm.formatting import DECODES
 from speechllm.io_utils import InputError, atomic_write, read_jsonl, read_kaldi_map
 from speechllm.logging_utils import setup_logging
 from speechllm.metrics import format_table, matches_in_prompt, score_corpus
+from speechllm.model.builder import SPEC_FILE, read_spec
 from speechllm.slots import Slots
 
 log = logging.getLogger(__name__)
@@ -59,17 +68,35 @@ def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2g
     return result
 
 
+def whisper_of(dump_dir: Path, exp_dir: Path | None) -> str | None:
+    """The encoder of the scored features: stage 1's record of the set, else the one the model recorded
+    (dumps made before the record)."""
+    recorded = read_whisper_record(dump_dir)
+    if recorded is None and exp_dir is not None and (exp_dir / "model" / SPEC_FILE).exists():
+        recorded = read_spec(exp_dir / "model").whisper
+    return recorded
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ref_jsonl", type=Path, required=True)
     parser.add_argument("--hyp_jsonl", type=Path, required=True)
-    parser.add_argument("--mode")
+    parser.add_argument("--mode", choices=DECODES, help="only rows of this mode (a hybrid file holds two)")
     parser.add_argument("--outdir", type=Path, required=True)
     parser.add_argument("--title", default="")
     parser.add_argument("--utt2group", type=Path, help="'<utt> <group>' lines: also score each group")
+    run = parser.add_argument_group("the run, recorded in scores.json (mode and think come from --mode)")
+    run.add_argument("--llm", help="the LLM config (conf/llm/<llm>.yaml)")
+    run.add_argument("--tag", help="the tag of the experiment ('': none)")
+    run.add_argument("--set", help="the test set")
+    run.add_argument("--exp_dir", type=Path, help="the experiment dir (its model/ records the Whisper used)")
     args = parser.parse_args(argv)
     setup_logging()
-    result = score_files(args.ref_jsonl, args.hyp_jsonl, args.mode, args.utt2group)
+    mode, think = DECODES[args.mode] if args.mode else (None, None)
+    result = {"run": {"llm": args.llm, "mode": mode, "think": think, "tag": args.tag or None, "set": args.set,
+                      "whisper": whisper_of(args.ref_jsonl.parent, args.exp_dir),
+                      "exp_dir": str(args.exp_dir) if args.exp_dir else None},
+              **score_files(args.ref_jsonl, args.hyp_jsonl, args.mode, args.utt2group)}
     args.outdir.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.outdir / "scores.json") as f:
         json.dump(result, f, indent=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from peft import PeftModel
 from speechllm.config import from_dict
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead
-from speechllm.model.llm import LLMConfig, PromptFormatter, add_lora, load_llm
+from speechllm.model.llm import LLMConfig, PromptFormatter, add_lora, build_tiny, load_llm
 from speechllm.model.speechllm import SpeechLLM
 
 SPEC_FILE = "speechllm.yaml"
@@ -52,6 +53,15 @@ def build_speechllm(spec: ModelSpec, base_path: str | Path | None = None, device
     llm = add_lora(llm, cfg, gradient_checkpointing)
     torch.manual_seed(cfg.seed + 1)
     return SpeechLLM(llm, tokenizer, new_adapter(spec, llm), PromptFormatter(tokenizer, cfg)).to(device)
+
+
+def tiny_base_llm(cfg: LLMConfig, texts: Callable[[], Iterable[str]], directory: Path) -> Path:
+    """The random tiny LLM of a test config (``tiny:``), built in ``directory`` unless it is there.
+
+    Its tokenizer is trained on ``texts()``, called only when the model is built."""
+    if not (directory / "config.json").exists():
+        build_tiny(cfg, texts(), directory)
+    return directory
 
 
 def new_adapter(spec: ModelSpec, llm) -> FrameStackAdapter | None:

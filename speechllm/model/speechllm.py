@@ -2,8 +2,8 @@
 
 Each example is ``[prompt before audio] [adapter outputs] [prompt after audio] [target + EOS]``.
 Labels are -100 everywhere but on the target, so the loss is on the response tokens only.
-Training pads on the right; generation pads on the left so that every row ends at the same
-position, and uses the KV cache of ``generate``.
+Batches are padded on the left, in training and generation alike, so that every row ends at the
+same position; generation uses the KV cache of ``generate``.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ class SpeechLLM(nn.Module):
     def encode(self, feats: torch.Tensor | None, prompt: str, target: str | None = None) -> Encoded:
         return Encoded(feats, *self.formatter.encode(prompt, target, audio=feats is not None))
 
+    def param_groups(self, lr: float, audio_lr: float) -> list[dict]:
+        """The trainable weights as optimizer groups: the audio path (adapter, CTC head), then LoRA."""
+        groups = [{"params": [p for p in self.llm.parameters() if p.requires_grad], "lr": lr}]
+        if self.adapter is not None:
+            audio = list(self.adapter.parameters())
+            audio += [] if self.ctc_head is None else list(self.ctc_head.parameters())
+            groups.insert(0, {"params": audio, "lr": audio_lr})
+        return groups
+
     def _embed_tokens(self, ids: list[int]) -> torch.Tensor:
         table = self.llm.get_input_embeddings()
         return table(torch.tensor(ids, dtype=torch.long, device=self.device))
@@ -80,8 +89,8 @@ class SpeechLLM(nn.Module):
         audio = iter(span.to(dtype) for span in spans)
         return [next(audio) if it.feats is not None else None for it in items]
 
-    def build_batch(self, items: list[Encoded], padding_side: str) -> dict[str, torch.Tensor]:
-        """``inputs_embeds``, ``attention_mask`` and ``labels`` for a list of examples."""
+    def build_batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        """``inputs_embeds``, ``attention_mask`` and ``labels`` for a list of examples, padded on the left."""
         audio = self.audio_embeddings(items)
         rows, labels = [], []
         for item, a in zip(items, audio):
@@ -96,7 +105,7 @@ class SpeechLLM(nn.Module):
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
         label_pad = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long, device=self.device)
         for i, (row, lab) in enumerate(zip(rows, labels)):
-            span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+            span = slice(width - len(row), width)
             embeds[i, span], mask[i, span], label_pad[i, span] = row, 1, lab
         return {"inputs_embeds": embeds, "attention_mask": mask, "labels": label_pad}
 
@@ -108,7 +117,7 @@ class SpeechLLM(nn.Module):
         every target at the right edge, so the LM head (for a small LLM, the largest matrix product
         of a step) runs only on the last ``longest target + 1`` positions, not on the prompts.
         """
-        batch = self.build_batch(items, padding_side="left")
+        batch = self.build_batch(items)
         keep = max(len(item.target) for item in items) + 1
         mask = batch["attention_mask"]
         return self.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=mask,
@@ -118,7 +127,7 @@ class SpeechLLM(nn.Module):
     @torch.no_grad()
     def generate(self, items: list[Encoded], max_new_tokens: int = 256, num_beams: int = 1) -> list[Generation]:
         """Greedy (or beam) responses, each with whether ``max_new_tokens`` cut it off before EOS."""
-        batch = self.build_batch(items, padding_side="left")
+        batch = self.build_batch(items)
         eos = self.tokenizer.eos_token_id
         # given only inputs_embeds, generate returns the new tokens alone; finished rows are padded
         out = self.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],

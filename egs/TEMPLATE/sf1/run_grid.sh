@@ -3,25 +3,29 @@
 # any run.sh call), then one RESULTS.md over all of them: Table 1 (regular vs reasoning), Table 2
 # (hybrid vs single-mode), the cascade baseline and a bar chart of F1 per LLM and mode.
 #
-#   local/run_grid.sh [--llms "qwen3_0_6b qwen3_4b"] [--modes "regular reasoning hybrid cascade"] \
-#                     [--results_md RESULTS.md] [run.sh options, e.g. --preset mini --ngpu 4]
+#   local/run_grid.sh [--llms "qwen3_0_6b qwen3_4b"] [--modes "regular reasoning hybrid cascade"] [--tag x] \
+#                     [--results_md exp/RESULTS_grid.md] [run.sh options, e.g. --preset mini --ngpu 4]
 #
-# Stages 0-2 must have run (./run.sh --stop_stage 2). Every run keeps its own exp dir, so the grid
-# can be extended later and rerun: finished models are retrained only if their exp dir is removed.
+# Stages 0-2 must have run (./run.sh --stop_stage 2). A run is found by the identity its scores.json
+# records (LLM, mode, tag), so the grid can be extended later and rerun: runs already scored are
+# skipped (remove their exp dir to retrain them). Each run also writes its own tables, into
+# <results_md without .md>_runs/.
 set -euo pipefail
 . utils/log.sh
 . ./path.sh
 
 llms="llama32_1b_instruct llama31_8b_instruct llama31_8b deepseek_r1_distill_llama8b qwen3_0_6b qwen3_4b phi4_mini_reasoning"
-modes="regular reasoning hybrid cascade"
-results_md=RESULTS.md
+modes=all
+tag=""
+results_md=exp/RESULTS_grid.md
 run_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --llms) llms=$2; shift 2 ;;
-    --modes) modes=$2; shift 2 ;;
-    --results_md) results_md=$2; shift 2 ;;
-    --help|-h) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --llms|--modes|--tag|--results_md)
+      [[ $# -ge 2 ]] || { log "Error: $1 needs a value"; exit 1; }
+      printf -v "${1#--}" '%s' "$2"; shift 2 ;;
+    --llms=*|--modes=*|--tag=*|--results_md=*) name=${1%%=*}; printf -v "${name#--}" '%s' "${1#*=}"; shift ;;
+    --help|-h) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) run_args+=("$1"); shift ;;
   esac
 done
@@ -29,26 +33,29 @@ done
 for llm in ${llms}; do
   [ -f "conf/llm/${llm}.yaml" ] || { log "Error: unknown LLM '${llm}'. Available: $(ls conf/llm | sed -n 's/\.yaml$//p' | tr '\n' ' ')"; exit 1; }
 done
+modes=$(python -m speechllm.bin.modes ${modes})  # checks the modes and expands all
 
-decode_dirs=()
+shopt -s nullglob
+scored() {  # scored <results.py filters>: the decode dirs of the grid's runs among those scored under exp/
+  local files=(exp/*/*/score/scores.json)
+  python -m speechllm.bin.results --decode_dirs "${files[@]%/score/scores.json}" --tag "${tag}" "$@"
+}
+
 for llm in ${llms}; do
   for mode in ${modes}; do
-    exp=exp/${llm}_${mode}
-    if [ -f "${exp}/model/speechllm.yaml" ] && ls "${exp}"/decode_*/score/scores.json > /dev/null 2>&1; then
-      log "grid: ${llm} ${mode} already scored in ${exp} (remove it to retrain)"
+    found=$(scored --list --llms "${llm}" --modes "${mode}")
+    if [ -n "${found}" ]; then
+      log "grid: ${llm} ${mode}${tag:+ ${tag}} already scored in $(dirname "${found%%$'\n'*}") (remove it to retrain)"
     else
-      log "grid: ${llm} ${mode} -> ${exp}"
-      ./run.sh "${run_args[@]}" --stage 3 --stop_stage 5 --llm "${llm}" --mode "${mode}" \
-        --results_md "${exp}/RESULTS.md"
+      log "grid: training ${llm} ${mode}${tag:+ ${tag}}"
+      ./run.sh "${run_args[@]}" --stage 3 --stop_stage 5 --llm "${llm}" --mode "${mode}" --tag "${tag}" \
+        --results_md "${results_md%.md}_runs/${llm}_${mode}${tag:+_${tag}}.md"
     fi
-    for d in "${exp}"/decode_*; do
-      [ -f "${d}/score/scores.json" ] && decode_dirs+=("${d}")
-    done
   done
 done
 
-log "grid: ${#decode_dirs[@]} scored decode dirs -> ${results_md}"
-python -m speechllm.bin.results --decode_dirs "${decode_dirs[@]}" --stage_times exp/stage_times.tsv \
-  --command "local/run_grid.sh --llms \"${llms}\" --modes \"${modes}\" ${run_args[*]}" \
+log "grid: writing ${results_md}"
+scored --llms ${llms} --modes ${modes} --stage_times exp/stage_times.tsv \
+  --command "local/run_grid.sh --llms \"${llms}\" --modes \"${modes}\"${tag:+ --tag ${tag}} ${run_args[*]}" \
   --output "${results_md}" --plot "${results_md%.md}_f1.png" > /dev/null
 log "grid: done; see ${results_md} and ${results_md%.md}_f1.png"

@@ -3,11 +3,12 @@
 # its corpus options and calls this script; every variable below is also a --flag.
 #
 #   0 corpus preparation      local/data.sh -> data/<set>/
-#   1 Whisper features + ASR  dump/<set>/feats.scp, text_asr
+#   1 Whisper features + ASR  dump/<set>/feats.scp, text_asr, whisper (the encoder's record)
 #   2 data formatting         dump/<set>/{regular,reasoning,hybrid,cascade}.jsonl
 #   3 LoRA/QLoRA training     exp/<llm>_<mode><tag>/
 #   4 decoding                exp/<llm>_<mode><tag>/decode_<set>_<mode>/
-#   5 scoring                 .../score/scores.json (per group with data/<set>/utt2group) and ${results_md}
+#   5 scoring                 .../score/scores.json (the run's identity, per-group scores with
+#                             data/<set>/utt2group) and ${results_md}
 set -euo pipefail
 
 . utils/log.sh
@@ -21,7 +22,7 @@ seed=1
 # Stage 0
 local_data_opts=""   # passed to local/data.sh
 # Stage 1
-whisper=base         # Whisper size name, checkpoint path, or conf/whisper/*.yaml
+whisper=base         # Whisper size name, checkpoint path, or conf/whisper/*.yaml (recorded in dump/<set>/whisper)
 asr=true             # also decode Whisper ASR hypotheses (context and the cascade)
 feats_dtype=float32  # float32 | float16 (half the disk; read back unchanged)
 # Stage 2
@@ -32,6 +33,9 @@ llm=smollm2_135m     # conf/llm/<llm>.yaml
 llm_path=""          # overrides the config's name_or_path (a local copy of the weights)
 mode=all             # regular | reasoning | hybrid | cascade | all (all four)
 train_config=conf/train.yaml
+train_args=""        # overrides of train_config's keys, e.g. "lr=1e-3 align.steps=600" (resolved: <exp>/train.yaml)
+llm_args=""          # overrides of the LLM config's keys, e.g. "lora.r=16" (resolved: <exp>/llm.yaml)
+force_config=false   # true: resume an experiment even though its resolved configs changed
 tag=""               # suffix of the experiment dir name
 ngpu=0               # GPUs per training node, and 1 GPU per job of stages 1 and 4 when > 0 (0: CPU)
 num_nodes=1          # nodes of the training job (more than 1 needs cmd_backend=slurm)
@@ -45,7 +49,7 @@ max_new_tokens=0     # cap on generated tokens; 0: from the longest training tar
 train_set=train
 valid_set=dev
 test_sets="test"
-results_md=RESULTS.md
+results_md=exp/RESULTS.md  # stage 5's tables, <name>_f1.png beside (the recipe's own RESULTS.md only if given)
 
 help_message="Usage: $0 [--option value ...]. Options and their defaults:
 $(sed -n '/^# General$/,/^results_md=/p' "${BASH_SOURCE[0]}" | grep -E '^([a-z_]+=|# )')"
@@ -71,10 +75,10 @@ if [ ! -f "${llm_config}" ]; then
   log "Error: unknown --llm '${llm}'. Available: $(ls conf/llm | sed -n 's/\.yaml$//p' | tr '\n' ' ')"
   exit 1
 fi
-case "${mode}" in
-  all) modes="regular reasoning hybrid cascade" ;;
-  regular|reasoning|hybrid|cascade) modes=${mode} ;;
-  *) log "Error: --mode must be regular, reasoning, hybrid, cascade or all, got '${mode}'"; exit 1 ;;
+modes=$(python -m speechllm.bin.modes "${mode}")  # checks --mode and expands all
+case "${force_config}" in
+  true|false) ;;
+  *) log "Error: --force_config must be true or false, got '${force_config}'"; exit 1 ;;
 esac
 if [[ " ${modes} " == *" cascade "* ]] && [ "${asr}" != true ]; then
   log "Error: the cascade (--mode cascade or all) needs Whisper's transcripts: --asr true"
@@ -83,11 +87,8 @@ fi
 [ -f "${train_config}" ] || { log "Error: --train_config ${train_config} not found"; exit 1; }
 if [ -n "${llm_path}" ]; then
   # the config stays the single description of the model; only its location changes
-  mkdir -p exp/conf
-  python -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); c['name_or_path'] = sys.argv[2]; \
-c.pop('local_cache', None); yaml.safe_dump(c, open(sys.argv[3], 'w'), sort_keys=False)" \
-    "${llm_config}" "${llm_path}" "exp/conf/${llm}.yaml"
-  llm_config=exp/conf/${llm}.yaml
+  printf -v quoted_path '%q' "${llm_path}"
+  llm_args="name_or_path=${quoted_path} local_cache=null ${llm_args}"
 fi
 
 expdir_of() { echo "exp/${llm}_$1${tag:+_${tag}}"; }
@@ -124,6 +125,9 @@ stage1() {
       cat $(for j in $(seq 1 "${nj}"); do echo "${split}/${f}.${j}"; done) | sort > "dump/${dset}/${f}.tmp"
       mv "dump/${dset}/${f}.tmp" "dump/${dset}/${f}"
     done
+    # the jobs' records of --whisper are one line, the same in each (training reads it)
+    sort -u $(for j in $(seq 1 "${nj}"); do echo "${split}/whisper.${j}"; done) > "dump/${dset}/whisper.tmp"
+    mv "dump/${dset}/whisper.tmp" "dump/${dset}/whisper"
     local n_skipped
     n_skipped=$(wc -l < "dump/${dset}/skipped")
     log "dump/${dset}: $(wc -l < "dump/${dset}/feats.scp") utterances, ${n_skipped} skipped (see dump/${dset}/skipped)"
@@ -146,6 +150,8 @@ stage3() {
     nproc_per_node=${cpu_procs} train_device=cpu
     [ "${cpu_procs}" -gt 1 ] && train_threads="--num_threads ${cpu_procs}"
   fi
+  local force=()
+  [ "${force_config}" = true ] && force=(--force_config)
   log "Stage 3: ${num_nodes} node(s) x ${nproc_per_node} process(es) on ${train_device}, batch per process" \
     "x grad_accum x $((num_nodes * nproc_per_node)) = effective batch (see ${train_config})"
   for m in ${modes}; do
@@ -153,48 +159,36 @@ stage3() {
     expdir=$(expdir_of "${m}")
     log "Stage 3: training ${llm} (${m}) -> ${expdir}"
     mkdir -p "${expdir}"
-    cp "${llm_config}" "${expdir}/llm.yaml"
-    cp "${train_config}" "${expdir}/train.yaml"
+    # bin/train.py writes the resolved configs into the exp dir (train.yaml, llm.yaml) and takes the
+    # Whisper of the features from stage 1's dump/<set>/whisper
     ${train_cmd} --gpu "${ngpu}" --num_nodes "${num_nodes}" ${train_threads} "${expdir}/train.log" \
       utils/torchrun.sh --nproc_per_node "${nproc_per_node}" --nnodes "${num_nodes}" \
       -m speechllm.bin.train --train_jsonl "dump/${train_set}/${m}.jsonl" \
-      --valid_jsonl "dump/${valid_set}/${m}.jsonl" --llm_config "${expdir}/llm.yaml" \
-      --train_config "${expdir}/train.yaml" --outdir "${expdir}" --whisper "${whisper}" --mode "${m}" \
+      --valid_jsonl "dump/${valid_set}/${m}.jsonl" --train_config "${train_config}" --llm_config "${llm_config}" \
+      --train_args "${train_args}" --llm_args "${llm_args}" "${force[@]}" --outdir "${expdir}" --mode "${m}" \
       --device "${train_device}"
     log "$(grep 'training done' "${expdir}/train.log" | tail -1 | sed 's/.*INFO: //')"
   done
 }
 
-# decode targets of a mode: "<jsonl mode> <row mode filter>"
-decode_targets() {
-  case "$1" in
-    regular|cascade|reasoning) echo "$1 -" ;;
-    hybrid) echo "hybrid hybrid_no_think"
-            echo "hybrid hybrid_think" ;;
-  esac
-}
-
 stage4() {
   for m in ${modes}; do
-    local expdir
+    local expdir names
     expdir=$(expdir_of "${m}")
     [ -f "${expdir}/model/speechllm.yaml" ] || { log "Error: ${expdir}/model missing: run stage 3 first"; exit 1; }
+    names=$(python -m speechllm.bin.modes --decode "${m}")  # one decode per row mode (hybrid: no_think, think)
     for dset in ${test_sets}; do
-      while read -r jsonl_mode row_mode; do
-        local name=${row_mode/-/${m}}
+      for name in ${names}; do
         local ddir=${expdir}/decode_${dset}_${name}
-        log "Stage 4: decoding dump/${dset}/${jsonl_mode}.jsonl (${name}) in ${nj} jobs -> ${ddir}"
+        log "Stage 4: decoding dump/${dset}/${m}.jsonl (${name}) in ${nj} jobs -> ${ddir}"
         rm -rf "${ddir}/split${nj}"
-        local filter=()
-        [ "${row_mode}" != - ] && filter=(--mode "${row_mode}")
         ${decode_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${ddir}/split${nj}/log/decode.JOB.log" \
-          python -m speechllm.bin.decode --model_dir "${expdir}/model" --jsonl "dump/${dset}/${jsonl_mode}.jsonl" \
-          "${filter[@]}" --output "${ddir}/split${nj}/hyp.JOB.jsonl" --job JOB --nj "${nj}" \
-          --batch_size "${decode_batch_size}" --num_beams "${num_beams}" --max_new_tokens "${max_new_tokens}" \
-          < /dev/null  # the loop reads its targets from stdin
+          python -m speechllm.bin.decode --model_dir "${expdir}/model" --jsonl "dump/${dset}/${m}.jsonl" \
+          --mode "${name}" --output "${ddir}/split${nj}/hyp.JOB.jsonl" --job JOB --nj "${nj}" \
+          --batch_size "${decode_batch_size}" --num_beams "${num_beams}" --max_new_tokens "${max_new_tokens}"
         cat $(for j in $(seq 1 "${nj}"); do echo "${ddir}/split${nj}/hyp.${j}.jsonl"; done) > "${ddir}/hyp.jsonl.tmp"
         mv "${ddir}/hyp.jsonl.tmp" "${ddir}/hyp.jsonl"
-      done < <(decode_targets "${m}")
+      done
     done
   done
 }
@@ -202,20 +196,20 @@ stage4() {
 stage5() {
   local ddirs=()
   for m in ${modes}; do
-    local expdir
+    local expdir names
     expdir=$(expdir_of "${m}")
+    names=$(python -m speechllm.bin.modes --decode "${m}")
     for dset in ${test_sets}; do
-      while read -r jsonl_mode row_mode; do
-        local name=${row_mode/-/${m}}
+      for name in ${names}; do
         local ddir=${expdir}/decode_${dset}_${name}
-        local opts=()
-        [ "${row_mode}" != - ] && opts=(--mode "${row_mode}")
-        [ -f "data/${dset}/utt2group" ] && opts+=(--utt2group "data/${dset}/utt2group")
+        local groups=()
+        [ -f "data/${dset}/utt2group" ] && groups=(--utt2group "data/${dset}/utt2group")
         log "Stage 5: scoring ${ddir}"
-        python -m speechllm.bin.score --ref_jsonl "dump/${dset}/${jsonl_mode}.jsonl" "${opts[@]}" \
-          --hyp_jsonl "${ddir}/hyp.jsonl" --outdir "${ddir}/score" --title "${ddir}" < /dev/null
+        python -m speechllm.bin.score --ref_jsonl "dump/${dset}/${m}.jsonl" --mode "${name}" "${groups[@]}" \
+          --hyp_jsonl "${ddir}/hyp.jsonl" --outdir "${ddir}/score" --title "${ddir}" \
+          --llm "${llm}" --tag "${tag}" --set "${dset}" --exp_dir "${expdir}"
         ddirs+=("${ddir}")
-      done < <(decode_targets "${m}")
+      done
     done
   done
   log "Stage 5: writing ${results_md}"

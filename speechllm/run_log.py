@@ -1,0 +1,54 @@
+"""What training reports: ``train_log.jsonl`` and TensorBoard scalars, written by rank 0 only.
+
+Losses are averaged over the steps since the last report and over every rank, so the logged loss
+is the same whatever the number of GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from speechllm.distributed import World
+
+SCALARS = {"loss": "train/loss", "ctc_loss": "train/ctc_loss", "lr": "train/lr", "valid_loss": "valid/loss"}
+
+
+class RunLog:
+    def __init__(self, outdir: Path, world: World) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path, self.world = outdir / "train_log.jsonl", world
+        self.writer = SummaryWriter(str(outdir / "tensorboard")) if world.is_main else None
+        self.loss = self.ctc_loss = 0.0
+        self.steps = 0
+
+    def add_step(self, loss: float, ctc_loss: float) -> None:
+        """This rank's share of a step's loss, and its auxiliary CTC loss."""
+        self.loss, self.ctc_loss, self.steps = self.loss + loss, self.ctc_loss + ctc_loss, self.steps + 1
+
+    def window(self) -> dict[str, float]:
+        """The mean losses since the last call, over every rank (a collective: call it on every rank)."""
+        means = {"loss": self.world.sum(self.loss) / self.steps,
+                 "ctc_loss": self.world.sum(self.ctc_loss) / (self.steps * self.world.size)}
+        self.loss = self.ctc_loss = 0.0
+        self.steps = 0
+        return means
+
+    def record(self, record: dict) -> None:
+        """One line of train_log.jsonl, and its known scalars in TensorBoard."""
+        if self.writer is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, tag in SCALARS.items():
+            if key in record:
+                self.writer.add_scalar(tag, record[key], record["step"])
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

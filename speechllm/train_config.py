@@ -1,0 +1,69 @@
+"""The training config (``conf/train*.yaml``): the schedule, the batch, and what the LLM reads.
+
+Stage 3 writes the resolved config, overrides included, to the experiment dir as ``train.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from speechllm.align import AlignConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    grad_accum: int = 8
+    effective_batch: int | None = None  # when set, grad_accum = effective_batch / (batch_size x processes)
+    epochs: float = 10
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    lr: float = 2e-4
+    adapter_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.2
+    grad_clip: float = 1.0
+    adapter_hidden: int = 2048
+    stack: int = 4
+    seed: int = 1
+    gradient_checkpointing: bool = False  # recompute each layer in backward: activations of one layer, not all
+    bucket_batches: int = 50
+    log_every: int = 5
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    valid_max_examples: int = 200
+    align: AlignConfig = field(default_factory=AlignConfig)  # CTC alignment of the adapter (beyond the paper)
+    audio_input: str = "adapter"  # what the LLM reads: "adapter" frames or "ctc_tokens" (needs align.steps > 0)
+    ctc_weight: float = 0.0  # slot filling adds this times the CTC loss of the batch's transcripts (ctc_tokens)
+    max_minutes: float | None = None  # stop after this much training time (alignment included)
+    eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
+    eval_max_examples: int = 40
+    eval_max_new_tokens: int | None = None  # None: decoding's cap, from the longest training target
+    num_workers: int = 0  # DataLoader processes that read features ahead of the step (0: in the step)
+
+    def __post_init__(self) -> None:
+        if self.audio_input not in ("adapter", "ctc_tokens"):
+            raise ValueError(f"audio_input must be 'adapter' or 'ctc_tokens', not {self.audio_input!r}")
+        if self.audio_input == "ctc_tokens" and self.align.steps <= 0:
+            raise ValueError("audio_input: ctc_tokens reads the CTC head's output, which needs align.steps > 0")
+        if self.effective_batch is not None and self.effective_batch <= 0:
+            raise ValueError(f"effective_batch must be > 0, not {self.effective_batch}")
+        if self.ctc_weight < 0:
+            raise ValueError(f"ctc_weight must be >= 0, not {self.ctc_weight}")
+        if self.ctc_weight > 0 and self.audio_input != "ctc_tokens":
+            raise ValueError("ctc_weight trains on the CTC head that the LLM reads through: it needs "
+                             "audio_input: ctc_tokens")
+
+
+def accumulation_for(cfg: TrainConfig, processes: int) -> int:
+    """The gradient accumulation that keeps ``effective_batch`` whatever the number of GPUs."""
+    per_pass = cfg.batch_size * processes
+    if cfg.effective_batch % per_pass:
+        raise ValueError(f"effective_batch {cfg.effective_batch} is not a multiple of batch_size {cfg.batch_size} "
+                         f"x {processes} processes")
+    accum = cfg.effective_batch // per_pass
+    log.info("grad_accum %d: effective batch %d = batch_size %d x %d processes x %d", accum, cfg.effective_batch,
+             cfg.batch_size, processes, accum)
+    return accum
