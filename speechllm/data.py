@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from speechllm.io_utils import InputError, atomic_write, jsonl_rows, read_jsonl
 from speechllm.distributed import World
-from speechllm.model.speechllm import Encoded, SpeechLLM
+from speechllm.model.speechllm import ModelInput, SpeechLLM
 from speechllm.slots import Slots
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ REQUIRED_KEYS = ("id", "utt_id", "feats", "prompt", "target", "slots")
 class Example:
     id: str
     utt_id: str
-    feats: str | None  # kaldiio location "ark_path:offset"; None: a text-only (cascade) example
+    feats_path: str | None  # kaldiio location "ark_path:offset"; None: a text-only (cascade) example
     prompt: str
     target: str
     slots: Slots
@@ -81,7 +81,7 @@ class TokenizedSet(torch.utils.data.Dataset):
     offset, the three lengths and the feature frames), both memory-mapped.
 
     ``meta.json``, written last, records what the arrays were built from; :func:`tokenize_once`
-    rebuilds them when the JSONL or the tokenizer changed. Items are ``(Encoded, transcript)``.
+    rebuilds them when the JSONL or the tokenizer changed. Items are ``(ModelInput, transcript)``.
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -120,12 +120,12 @@ class TokenizedSet(torch.utils.data.Dataset):
         ids = self.tokens[start : start + nb + na + nt].tolist()
         return ids[:nb], ids[nb : nb + na], ids[nb + na :]
 
-    def __getitem__(self, i: int) -> tuple[Encoded, str]:
+    def __getitem__(self, i: int) -> tuple[ModelInput, str]:
         example = self.example(i)
-        return Encoded(load_feats(example), *self.ids(i)), example.text
+        return ModelInput(load_feats(example), *self.ids(i)), example.text
 
 
-def collate(items: list[tuple[Encoded, str]]) -> tuple[list[Encoded], list[str]]:
+def collate(items: list[tuple[ModelInput, str]]) -> tuple[list[ModelInput], list[str]]:
     return [e for e, _ in items], [t for _, t in items]
 
 
@@ -186,9 +186,9 @@ def fingerprint(*parts: object) -> str:
 
 
 def load_feats(example: Example) -> torch.Tensor | None:
-    if example.feats is None:
+    if example.feats_path is None:
         return None
-    return torch.from_numpy(kaldiio.load_mat(example.feats).copy()).float()
+    return torch.from_numpy(kaldiio.load_mat(example.feats_path).copy()).float()
 
 
 @dataclass
@@ -241,8 +241,8 @@ def tokenized(model: SpeechLLM, jsonl: Path, directory: Path, world: World = Wor
     """``jsonl`` tokenised for ``model`` once (by rank 0, reused by every restart), then memory-mapped."""
     if world.is_main:
         def tokenize(examples: list[Example]) -> list[tuple[list[int], list[int], list[int]]]:
-            return model.formatter.encode_many([e.prompt for e in examples], [e.target for e in examples],
-                                               [e.feats is not None for e in examples])
+            return model.formatter.tokenize_many([e.prompt for e in examples], [e.target for e in examples],
+                                               [e.feats_path is not None for e in examples])
 
         tokenize_once(jsonl, directory, tokenize, fingerprint(model.formatter.fingerprint()), limit)
     world.barrier()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from speechllm.data import Example, load_feats
 from speechllm.model.builder import ModelSpec
-from speechllm.model.speechllm import Encoded, Generation, SpeechLLM
+from speechllm.model.speechllm import ModelInput, Generation, SpeechLLM
 from speechllm.parsing import parse_slots
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def new_token_cap(spec: ModelSpec) -> int:
 def _generate_batch(model: SpeechLLM, chunk: list[Example], prompts: dict[str, tuple[list[int], list[int]]],
                     max_new_tokens: int, num_beams: int) -> list[Generation]:
     """Read the chunk's features and generate; they are freed when this returns."""
-    items = [Encoded(load_feats(e), *prompts[e.id], []) for e in chunk]
+    items = [ModelInput(load_feats(e), *prompts[e.id], []) for e in chunk]
     return model.generate(items, max_new_tokens, num_beams)
 
 
@@ -55,10 +55,10 @@ def decode_examples(model: SpeechLLM, examples: list[Example], batch_size: int =
     """
     if not examples:  # an empty share: more jobs than examples
         return []
-    encoded = model.formatter.encode_many([e.prompt for e in examples], [None] * len(examples),
-                                          [e.feats is not None for e in examples])
+    encoded = model.formatter.tokenize_many([e.prompt for e in examples], [None] * len(examples),
+                                          [e.feats_path is not None for e in examples])
     prompts = {e.id: (before, after) for e, (before, after, _) in zip(examples, encoded)}
-    if any(e.feats is not None and not e.n_frames for e in examples):
+    if any(e.feats_path is not None and not e.n_frames for e in examples):
         log.warning("stage-2 rows without n_frames (an older dump): batches are sorted by prompt tokens only")
     order = sorted(examples, key=lambda e: (len(prompts[e.id][0]) + len(prompts[e.id][1]) + e.n_frames, e.id))
     outputs: dict[str, Generation] = {}

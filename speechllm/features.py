@@ -113,7 +113,7 @@ def read_audio(path: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode(model: Whisper, audio: np.ndarray, pad_30s: bool = False) -> np.ndarray:
+def encode_audio(model: Whisper, audio: np.ndarray, pad_30s: bool = False) -> np.ndarray:
     """Encoder outputs ``[T, d_model]`` at 50 Hz for the true length of ``audio``."""
     encoder, device = model.encoder, next(model.parameters()).device
     n_frames = len(audio) // whisper.audio.HOP_LENGTH

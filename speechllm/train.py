@@ -41,7 +41,7 @@ from speechllm.evaluate import CurveEvaluator, validation_loss
 from speechllm.io_utils import InputError
 from speechllm.model.builder import ModelSpec, build_speechllm, save_model, tiny_base_llm
 from speechllm.model.llm import LLMConfig
-from speechllm.model.speechllm import Encoded, SpeechLLM
+from speechllm.model.speechllm import ModelInput, SpeechLLM
 from speechllm.plots import plot_losses
 from speechllm.run_log import RunLog
 from speechllm.train_config import TrainConfig, accumulation_for
@@ -106,7 +106,7 @@ class Trainer:
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def train_step(self, group: list[list[int]], micro: list[tuple[list[Encoded], list[str]]]) -> tuple[float, float]:
+    def train_step(self, group: list[list[int]], micro: list[tuple[list[ModelInput], list[str]]]) -> tuple[float, float]:
         """One optimizer step over a group of global batches, of which ``micro`` holds this rank's shares.
 
         Returns this rank's share of the step's LLM loss, and its mean auxiliary CTC loss (0 without one)."""

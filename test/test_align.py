@@ -167,7 +167,7 @@ def test_trainer_runs_the_alignment_phase_once(tmp_path):
 def test_ctc_tokens_model_trains_saves_and_reloads(tmp_path):
     from conftest import tiny_llm_dict, write_examples
     from speechllm.model.builder import load_model
-    from speechllm.model.speechllm import Encoded
+    from speechllm.model.speechllm import ModelInput
     from speechllm.train import build_and_train
 
     rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
@@ -183,7 +183,7 @@ def test_ctc_tokens_model_trains_saves_and_reloads(tmp_path):
     assert not torch.equal(aligned_head["blank"], model.ctc_head.blank.detach())  # slot filling trained it on
     loaded = load_model(tmp_path / "exp" / "model")
     assert loaded.ctc_head is not None and torch.equal(loaded.ctc_head.blank, model.ctc_head.blank)
-    items = [Encoded(load_feats(e), *model.formatter.encode(e.prompt, audio=True)) for e in examples[:2]]
+    items = [ModelInput(load_feats(e), *model.formatter.tokenize(e.prompt, audio=True)) for e in examples[:2]]
     model.eval()
     assert [len(a) for a in loaded.audio_embeddings(items)] == [len(a) for a in model.audio_embeddings(items)]
     assert loaded.generate(items, max_new_tokens=5) == model.generate(items, max_new_tokens=5)

@@ -31,7 +31,7 @@ def test_tokenised_rows_equal_the_rows_tokenised_one_by_one(tmp_path, setup):
     assert len(data) == len(examples) == 7
     for i, e in enumerate(examples):
         encoded, text = data[i]
-        before, after, target = model.formatter.encode(e.prompt, e.target)
+        before, after, target = model.formatter.tokenize(e.prompt, e.target)
         assert (encoded.before, encoded.after, encoded.target) == (before, after, target)
         assert target[-1] == model.tokenizer.eos_token_id and text == e.text
         assert torch.equal(encoded.feats, load_feats(e)) and data.example(i) == e
@@ -57,7 +57,7 @@ def test_tokenised_rows_are_reused_until_the_file_or_the_tokenizer_changes(tmp_p
     model.formatter.cfg.system_prompt = "You fill slots."  # another prompt rendering: other ids
     data = tokenized(model, jsonl, directory)
     first = read_examples(jsonl)[0]
-    assert data[0][0].before == model.formatter.encode(first.prompt, first.target)[0]
+    assert data[0][0].before == model.formatter.tokenize(first.prompt, first.target)[0]
 
 
 def test_a_bad_row_is_named_with_its_file_and_line(tmp_path, setup):

@@ -17,7 +17,7 @@ from speechllm.bin import score as score_bin
 from speechllm.data import load_feats, read_examples
 from speechllm.decode import CAP_MARGIN, CAP_SCALE, decode_examples, new_token_cap
 from speechllm.model.builder import SPEC_FILE, ModelSpec, save_model
-from speechllm.model.speechllm import Encoded, SpeechLLM
+from speechllm.model.speechllm import ModelInput, SpeechLLM
 
 TEXTS = ["Find slot values for payment_amount in the current audio. Format the output as JSON.",
          '{"payment_amount": "$30", "new_limit": "None"}', "I pay thirty dollars a month."] * 20
@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
              "n_frames": n, "n_frames_to_make": n} for i, n in enumerate(FRAMES)]
     jsonl = write_examples(tmp, rows)
     examples = read_examples(jsonl)
-    examples[-1] = dataclasses.replace(examples[-1], feats=None, n_frames=0, prompt="Find all slot values in: I pay.")
+    examples[-1] = dataclasses.replace(examples[-1], feats_path=None, n_frames=0, prompt="Find all slot values in: I pay.")
     return model.eval(), spec, base, examples, jsonl
 
 
@@ -50,11 +50,11 @@ class StandInEOS:
         return getattr(self._tokenizer, name)
 
 
-def _item(model: SpeechLLM, example) -> Encoded:
-    return Encoded(load_feats(example), *model.formatter.encode(example.prompt, audio=example.feats is not None))
+def _item(model: SpeechLLM, example) -> ModelInput:
+    return ModelInput(load_feats(example), *model.formatter.tokenize(example.prompt, audio=example.feats_path is not None))
 
 
-def _first_token(model: SpeechLLM, item: Encoded) -> int:
+def _first_token(model: SpeechLLM, item: ModelInput) -> int:
     """The greedy first response token, by a plain forward pass of the unpadded prompt."""
     batch = model.build_batch([item])
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_features_are_read_batch_by_batch_just_before_generation(tiny, monkeypat
             batches.append(loaded)
             loaded = []
     assert not loaded and [len(b) for b in batches] == [3, 3, 1]
-    length = {e.id: len(sum(model.formatter.encode(e.prompt, audio=e.feats is not None), [])) + e.n_frames
+    length = {e.id: len(sum(model.formatter.tokenize(e.prompt, audio=e.feats_path is not None), [])) + e.n_frames
               for e in examples}
     order = sum(batches, [])
     assert sorted(order) == sorted(length) and [length[i] for i in order] == sorted(length.values())

@@ -70,12 +70,12 @@ class Killed(Exception):
 
 
 def count_encodes(monkeypatch, outdir: Path, die_after: int | None = None) -> list[int]:
-    """Count ``encode`` calls of a dump into ``outdir``; with ``die_after``, the job dies on the next call.
+    """Count ``encode_audio`` calls of a dump into ``outdir``; with ``die_after``, the job dies on the next call.
 
     Each call also checks that the matrices the progress file claims are in the ark file (flushed to
     the OS), as they must be for a kill at that moment.
     """
-    calls, real = [], dump_feats.encode
+    calls, real = [], dump_feats.encode_audio
     progress, partial = outdir / "progress.1.jsonl", outdir / "feats.1.ark.partial"
 
     def counting(*args, **kwargs):
@@ -87,7 +87,7 @@ def count_encodes(monkeypatch, outdir: Path, die_after: int | None = None) -> li
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dump_feats, "encode", counting)
+    monkeypatch.setattr(dump_feats, "encode_audio", counting)
     return calls
 
 
@@ -251,5 +251,5 @@ def test_float16_features_take_half_the_disk_and_load_unchanged(reference):
         assert mat.dtype == np.float16 and np.array_equal(mat, feats32[key].astype(np.float16)), key
     for line in (half / "feats.1.scp").read_text().splitlines():
         key, location = line.split(" ", 1)
-        loaded = load_feats(SimpleNamespace(feats=location))  # load_feats reads only .feats of an Example
+        loaded = load_feats(SimpleNamespace(feats_path=location))  # load_feats reads only .feats_path of an Example
         assert loaded.dtype == torch.float32 and torch.equal(loaded, torch.from_numpy(feats16[key]).float()), key

@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_tiny_speechllm
 from speechllm.jobs import job_slice
-from speechllm.features import WhisperConfig, encode, load_whisper
+from speechllm.features import WhisperConfig, encode_audio, load_whisper
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.speechllm import IGNORE_INDEX
 
@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
 
 
 def test_loss_is_on_response_tokens_only(tiny):
-    item = tiny.encode(torch.randn(30, 16), "<audio>\nFind slot values. Format the output as JSON.",
+    item = tiny.tokenize(torch.randn(30, 16), "<audio>\nFind slot values. Format the output as JSON.",
                        '{"a": "b"}')
     batch = tiny.build_batch([item])  # one row: no padding
     labels = batch["labels"][0]
@@ -54,7 +54,7 @@ def test_loss_is_on_response_tokens_only(tiny):
 
 def test_audio_conditions_the_response(tiny):
     feats = torch.randn(32, 16, requires_grad=True)
-    item = tiny.encode(feats, "<audio>\nFind slot values.", '{"a": "b"}')
+    item = tiny.tokenize(feats, "<audio>\nFind slot values.", '{"a": "b"}')
     tiny.zero_grad()
     tiny([item]).backward()
     assert feats.grad is not None and feats.grad.abs().sum() > 0  # audio conditions the response
@@ -65,7 +65,7 @@ def test_loss_on_the_kept_logits_equals_the_full_unpadded_loss(tiny):
     """Training pads on the left and runs the LM head on the target positions only; loss and gradients
     must equal those of every example on its own, unpadded, with the LM head on every position."""
     torch.manual_seed(3)
-    items = [tiny.encode(torch.randn(n, 16), p, t) for n, p, t in [
+    items = [tiny.tokenize(torch.randn(n, 16), p, t) for n, p, t in [
         (40, "<audio>\nFind slot values.", '{"amount": "40 dollars", "account_type": "savings"}'),
         (12, "Context:\n- I pay thirty dollars a month.\n<audio>\nFind all slot values in the audio.", "{}"),
         (23, "<audio>\nFind new_limit.", '{"new_limit": "None"}')]]
@@ -89,15 +89,15 @@ def test_loss_on_the_kept_logits_equals_the_full_unpadded_loss(tiny):
 
 
 def test_padding_does_not_change_the_loss(tiny):
-    a = tiny.encode(torch.randn(40, 16), "<audio>\nFind slot values.", '{"a": "b"}')
-    b = tiny.encode(torch.randn(12, 16), "<audio>\nFind all slot values in the current audio please.", "{}")
+    a = tiny.tokenize(torch.randn(40, 16), "<audio>\nFind slot values.", '{"a": "b"}')
+    b = tiny.tokenize(torch.randn(12, 16), "<audio>\nFind all slot values in the current audio please.", "{}")
     separate = (tiny([a]) * len(a.target) + tiny([b]) * len(b.target)) / (len(a.target) + len(b.target))
     torch.testing.assert_close(tiny([a, b]), separate, rtol=1e-4, atol=1e-5)
 
 
 def test_batched_generation_equals_unbatched(tiny):
     torch.manual_seed(1)
-    items = [tiny.encode(torch.randn(n, 16), p) for n, p in [
+    items = [tiny.tokenize(torch.randn(n, 16), p) for n, p in [
         (40, "<audio>\nFind slot values for payment_amount."), (9, "<audio>\nFind all slot values."),
         (23, "Context:\n- I pay thirty dollars a month.\n<audio>\nFind slot values for new_limit.")]]
     one_by_one = [tiny.generate([it], max_new_tokens=12)[0] for it in items]
@@ -110,8 +110,8 @@ def test_whisper_true_length_encoding_shapes():
                 n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)
     model = load_whisper(WhisperConfig(random_init_dims=dims))
     audio = np.random.default_rng(0).standard_normal(16000 * 2 + 480).astype(np.float32) * 0.1
-    true_len = encode(model, audio)
-    padded = encode(model, audio, pad_30s=True)
+    true_len = encode_audio(model, audio)
+    padded = encode_audio(model, audio, pad_30s=True)
     n_mel = len(audio) // 160
     assert true_len.shape == padded.shape == ((n_mel + 1) // 2, 32)
 
@@ -133,7 +133,7 @@ def test_lora_and_qlora_training_step(tmp_path, quantization):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("adapter.") for n in trainable)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    item = model.encode(torch.randn(24, 16), "<audio>\nFind slot values.", '{"a": "b"}')
+    item = model.tokenize(torch.randn(24, 16), "<audio>\nFind slot values.", '{"a": "b"}')
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     loss = model([item])
     loss.backward()

@@ -39,8 +39,9 @@ def test_overfit_few_utterances(tmp_path, mode):
     jsonl = write_examples(tmp_path, rows)
     examples = read_examples(jsonl)
     if mode == "cascade":
-        examples = [replace(e, feats=None, prompt=text_prompt(e.prompt, e.text)) for e in examples]
-        jsonl.write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples))
+        examples = [replace(e, feats_path=None, prompt=text_prompt(e.prompt, e.text)) for e in examples]
+        rows = [{**asdict(e), "feats": None} for e in examples]  # the JSONL field of Example.feats_path
+        jsonl.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "feats_path"}) + "\n" for r in rows))
     texts = [t for e in examples for t in (e.prompt, e.target)]
     model, spec, base = make_tiny_speechllm(tmp_path, texts, adapter_hidden=64, feat_dim=0 if mode == "cascade" else 16)
     assert (model.adapter is None) == (mode == "cascade")

@@ -7,14 +7,14 @@ from torch import nn
 
 from conftest import make_tiny_speechllm, tiny_llm_dict
 from speechllm.model.builder import build_speechllm, load_model, save_model
-from speechllm.model.speechllm import Encoded
+from speechllm.model.speechllm import ModelInput
 
 TEXTS = ["pay thirty dollars monthly", "my name is Maria Garcia", '{"amount": "thirty dollars"}'] * 10
 
 
-def batch(model, n: int = 2) -> list[Encoded]:
+def batch(model, n: int = 2) -> list[ModelInput]:
     torch.manual_seed(1)
-    return [model.encode(torch.randn(12 + 4 * i, 16), "<audio>\nFind the slots.", '{"amount": "30"}')
+    return [model.tokenize(torch.randn(12 + 4 * i, 16), "<audio>\nFind the slots.", '{"amount": "30"}')
             for i in range(n)]
 
 

@@ -147,7 +147,7 @@ def test_smollm2_loads_offline_with_its_chat_template_and_trains(monkeypatch, qu
     assert before.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
     assert after.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert "SmolLM" not in before  # the default system prompt is dropped
-    item = model.encode(torch.randn(40, 512), "<audio>\nFind slot values.", '{"new_limit": "$5,000"}')
+    item = model.tokenize(torch.randn(40, 512), "<audio>\nFind slot values.", '{"new_limit": "$5,000"}')
     assert item.target[-1] == model.tokenizer.convert_tokens_to_ids("<|im_end|>")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loss = model([item])

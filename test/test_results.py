@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from speechllm.bin import modes as modes_bin
@@ -19,6 +21,8 @@ from speechllm.formatting import DECODES, MODES
 from speechllm.io_utils import InputError
 from speechllm.model.builder import SPEC_FILE
 from speechllm.plots import plot_curves, plot_f1, plot_losses
+
+REPO = Path(__file__).resolve().parents[1]
 
 PNG = b"\x89PNG"
 
@@ -138,6 +142,9 @@ def test_results_tables_come_from_the_scores_identities(runs, tmp_path):
     rows = [line.split(" | ")[2] for line in scores.splitlines() if line.startswith("| tiny_llama | ")]
     assert rows == list(DECODES)  # every row mode, in the one order
     assert (tmp_path / "out" / "RESULTS_f1.png").read_bytes()[:4] == PNG and "](RESULTS_f1.png)" in text
+    environment = next(s for t, s in sections.items() if t.startswith("Environment"))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
+    assert f"- commit: {head.strip()}" in environment and f"torch {torch.__version__}" in environment
 
 
 def test_results_select_runs_by_identity(runs, tmp_path, capsys, caplog, monkeypatch):

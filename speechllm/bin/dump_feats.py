@@ -43,7 +43,8 @@ import torch
 from tqdm import tqdm
 
 from speechllm.config import load_yaml_dataclass
-from speechllm.features import WhisperConfig, check_audio, encode, load_whisper, transcribe, write_whisper_record
+from speechllm.features import (WhisperConfig, check_audio, encode_audio, load_whisper, transcribe,
+                                write_whisper_record)
 from speechllm.io_utils import InputError, atomic_write, read_kaldi_map
 from speechllm.jobs import job_slice
 from speechllm.logging_utils import setup_logging
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.warning("skipping %s (%s): %s", key, wav_scp[key], reason)
                 record["skipped"] = reason
             else:
-                feats = encode(model, audio, cfg.pad_30s).astype(dtype)
+                feats = encode_audio(model, audio, cfg.pad_30s).astype(dtype)
                 if args.asr:
                     record["text"] = transcribe(model, audio, cfg.asr_max_tokens)
                 record["offset"] = ark.tell() + len(f"{key} ".encode())  # the matrix follows "key "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from speechllm import prompts
-from speechllm.features import check_audio, encode, load_whisper_spec, transcribe
+from speechllm.features import check_audio, encode_audio, load_whisper_spec, transcribe
 from speechllm.io_utils import InputError
 from speechllm.logging_utils import setup_logging
 from speechllm.model.builder import SPEC_FILE, load_model, read_spec
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if mode == "cascade":
             transcript = transcribe(encoder, audio, cfg.asr_max_tokens)
-            item = model.encode(None, prompts.text_prompt(prompt, transcript))
+            item = model.tokenize(None, prompts.text_prompt(prompt, transcript))
         else:
-            item = model.encode(torch.from_numpy(encode(encoder, audio, cfg.pad_30s)), prompt)
+            item = model.tokenize(torch.from_numpy(encode_audio(encoder, audio, cfg.pad_30s)), prompt)
         output = model.generate([item], args.max_new_tokens)[0].text
         parsed = parse_slots(output)
         result = {"file": path, "slots": parsed.slots, "parseable": parsed.parseable}

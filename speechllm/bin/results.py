@@ -99,6 +99,32 @@ def collect(runs: list[tuple[Path, dict, dict]]) -> Table:
     return table
 
 
+def environment() -> list[str]:
+    """Where stage 5 ran: the code's commit and the versions and hardware that its numbers depend on."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " with uncommitted changes"
+    packages = []
+    for name in ("torch", "transformers", "peft", "openai-whisper"):
+        try:
+            packages.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return [f"- commit: {commit}", f"- Python {platform.python_version()}, {', '.join(packages)}",
+            f"- {platform.platform()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), GPU: {gpu}"]
+
+
 def render(table: Table, stage_times: Path | None, command: str) -> str:
     out = ["# Results", "", f"Produced by `{command}`.", "",
            "All numbers are micro-averaged over (slot, value) pairs with a filled value; partial match is "
@@ -161,6 +187,7 @@ def render(table: Table, stage_times: Path | None, command: str) -> str:
         for line in stage_times.read_text().splitlines():
             stage, seconds, when, *what = line.split("\t")  # older files have no run column
             out.append(f"| {stage} | {what[0] if what else '-'} | {seconds} | {when} |")
+    out += ["", "## Environment of stage 5", "", *environment()]
     return "\n".join(out) + "\n"
 
 

@@ -161,14 +161,14 @@ class PromptFormatter:
         before, after = text.split(AUDIO, 1)
         return before, after
 
-    def encode(self, prompt: str, target: str | None = None,
-               audio: bool = True) -> tuple[list[int], list[int], list[int]]:
+    def tokenize(self, prompt: str, target: str | None = None,
+                 audio: bool = True) -> tuple[list[int], list[int], list[int]]:
         """Token ids before the audio, after it, and of the target (ending with EOS)."""
-        return self.encode_many([prompt], [target], [audio])[0]
+        return self.tokenize_many([prompt], [target], [audio])[0]
 
-    def encode_many(self, prompts: list[str], targets: list[str | None],
-                    audio: list[bool]) -> list[tuple[list[int], list[int], list[int]]]:
-        """:meth:`encode` of many examples, in one (parallel) tokenizer call per part."""
+    def tokenize_many(self, prompts: list[str], targets: list[str | None],
+                      audio: list[bool]) -> list[tuple[list[int], list[int], list[int]]]:
+        """:meth:`tokenize` of many examples, in one (parallel) tokenizer call per part."""
         rendered = [self.render(p, a) for p, a in zip(prompts, audio)]
         enc = lambda texts: self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
         before, after = enc([b for b, _ in rendered]), enc([a for _, a in rendered])
@@ -181,4 +181,4 @@ class PromptFormatter:
         """What tokenised data depends on: the rendering and the ids of a probe text."""
         probe = f'Pay $1,300.50 on 2024-05-01, {{"name": "Zoë"}} <think>'
         return [self.render(f"{AUDIO} {probe}"), self.render(probe, audio=False),
-                self.encode(f"{AUDIO} {probe}", probe), len(self.tokenizer)]
+                self.tokenize(f"{AUDIO} {probe}", probe), len(self.tokenizer)]

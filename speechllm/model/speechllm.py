@@ -21,8 +21,9 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class Encoded:
-    """One tokenised example; ``feats`` are the Whisper frames ``[T, D]`` (None: text only, the cascade)."""
+class ModelInput:
+    """What the model reads of one example: the Whisper frames ``feats`` ``[T, D]`` (None: text only, the
+    cascade) and the token ids of the prompt before and after the audio, and of the target."""
 
     feats: torch.Tensor | None
     before: list[int]
@@ -56,8 +57,8 @@ class SpeechLLM(nn.Module):
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
 
-    def encode(self, feats: torch.Tensor | None, prompt: str, target: str | None = None) -> Encoded:
-        return Encoded(feats, *self.formatter.encode(prompt, target, audio=feats is not None))
+    def tokenize(self, feats: torch.Tensor | None, prompt: str, target: str | None = None) -> ModelInput:
+        return ModelInput(feats, *self.formatter.tokenize(prompt, target, audio=feats is not None))
 
     def param_groups(self, lr: float, audio_lr: float) -> list[dict]:
         """The trainable weights as optimizer groups: the audio path (adapter, CTC head), then LoRA."""
@@ -72,7 +73,7 @@ class SpeechLLM(nn.Module):
         table = self.llm.get_input_embeddings()
         return table(torch.tensor(ids, dtype=torch.long, device=self.device))
 
-    def audio_embeddings(self, items: list[Encoded]) -> list[torch.Tensor | None]:
+    def audio_embeddings(self, items: list[ModelInput]) -> list[torch.Tensor | None]:
         """Adapter outputs of the items with audio (None for text-only items)."""
         with_audio = [it for it in items if it.feats is not None]
         if not with_audio:
@@ -89,7 +90,7 @@ class SpeechLLM(nn.Module):
         audio = iter(span.to(dtype) for span in spans)
         return [next(audio) if it.feats is not None else None for it in items]
 
-    def build_batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+    def build_batch(self, items: list[ModelInput]) -> dict[str, torch.Tensor]:
         """``inputs_embeds``, ``attention_mask`` and ``labels`` for a list of examples, padded on the left."""
         audio = self.audio_embeddings(items)
         rows, labels = [], []
@@ -109,7 +110,7 @@ class SpeechLLM(nn.Module):
             embeds[i, span], mask[i, span], label_pad[i, span] = row, 1, lab
         return {"inputs_embeds": embeds, "attention_mask": mask, "labels": label_pad}
 
-    def forward(self, items: list[Encoded], num_items_in_batch: int | None = None) -> torch.Tensor:
+    def forward(self, items: list[ModelInput], num_items_in_batch: int | None = None) -> torch.Tensor:
         """Cross-entropy over the target tokens: their mean, or their sum / ``num_items_in_batch``.
 
         The second form lets one optimizer step average over every token of every micro-batch on
@@ -125,7 +126,7 @@ class SpeechLLM(nn.Module):
                         logits_to_keep=keep, num_items_in_batch=num_items_in_batch).loss
 
     @torch.no_grad()
-    def generate(self, items: list[Encoded], max_new_tokens: int = 256, num_beams: int = 1) -> list[Generation]:
+    def generate(self, items: list[ModelInput], max_new_tokens: int = 256, num_beams: int = 1) -> list[Generation]:
         """Greedy (or beam) responses, each with whether ``max_new_tokens`` cut it off before EOS."""
         batch = self.build_batch(items)
         eos = self.tokenizer.eos_token_id
