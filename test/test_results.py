@@ -195,3 +195,15 @@ def test_plots_write_pngs(tmp_path):
             tmp_path / "new" / "f1.png")
     for name in ("loss.png", "curves.png", "new/f1.png"):
         assert (tmp_path / name).read_bytes()[:4] == PNG, name
+
+
+def test_stage_table_names_each_stage_command_and_commit(runs, tmp_path):
+    times = tmp_path / "stage_times.tsv"
+    times.write_text("1\t610\t2026-11-30T06:15:24\tdata\n"  # a line from before commands were recorded
+                     "3\t40\t2026-11-30T07:00:00\ttiny_llama all\t./run.sh --stage 3 --tag x\tabc1234\n")
+    output = tmp_path / "RESULTS.md"
+    results_bin.main(["--decode_dirs", *map(str, runs.values()), "--output", str(output),
+                      "--stage_times", str(times)])
+    text = output.read_text()
+    assert "| 1 | data | 610 | 2026-11-30T06:15:24 | - | - |" in text
+    assert "| 3 | tiny_llama all | 40 | 2026-11-30T07:00:00 | `./run.sh --stage 3 --tag x` | abc1234 |" in text

@@ -182,11 +182,13 @@ def render(table: Table, stage_times: Path | None, command: str) -> str:
                            f"{prf(r['slu_f1'])} | {r['n_utts']} | {r['n_unparseable']} | {r['n_missing']} | "
                            f"{r.get('n_truncated', '-')} |")  # older scores.json files have no truncation count
     if stage_times and stage_times.exists():
-        out += ["", "## Wall time per stage (this machine)", "", "| stage | run (LLM, mode) | seconds | finished |",
-                "|---|---|---|---|"]
+        out += ["", "## Stages run (wall time on this machine)", "",
+                "| stage | run (LLM, mode) | seconds | finished | command | commit |", "|---|---|---|---|---|---|"]
         for line in stage_times.read_text().splitlines():
-            stage, seconds, when, *what = line.split("\t")  # older files have no run column
-            out.append(f"| {stage} | {what[0] if what else '-'} | {seconds} | {when} |")
+            stage, seconds, when, *rest = line.split("\t")
+            what, command, commit = (rest + ["-", "-", "-"])[:3]  # older files lack the last columns
+            out.append(f"| {stage} | {what} | {seconds} | {when} | {'-' if command == '-' else f'`{command}`'} | "
+                       f"{commit} |")
     out += ["", "## Environment of stage 5", "", *environment()]
     return "\n".join(out) + "\n"
 

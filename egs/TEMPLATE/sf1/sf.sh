@@ -96,13 +96,18 @@ job_gpu=$((ngpu > 0 ? 1 : 0))  # GPUs per job of stages 1 and 4
 all_sets="${train_set} ${valid_set} ${test_sets}"
 mkdir -p exp
 stage_times=exp/stage_times.tsv
-timed() {  # timed <stage> <command...>: run and record the wall time of a stage, and of what
+# what RESULTS.md says produced each stage: the command and the code's commit (+changes: uncommitted edits)
+sf_command="${SF_COMMAND:-$0 ${args[*]}}"
+sf_commit=$(git rev-parse --short HEAD 2>/dev/null || echo -)
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then sf_commit="${sf_commit}+changes"; fi
+timed() {  # timed <stage> <command...>: run a stage and record its wall time, what it ran for, and how
   local s=$1; shift
   local start=${SECONDS}
   "$@"
   local what="data"
   [ "${s}" -ge 3 ] && what="${llm} ${mode}${tag:+ ${tag}}"
-  printf '%s\t%s\t%s\t%s\n' "$s" "$((SECONDS - start))" "$(date '+%Y-%m-%dT%H:%M:%S')" "${what}" >> "${stage_times}"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$((SECONDS - start))" "$(date '+%Y-%m-%dT%H:%M:%S')" "${what}" \
+    "${sf_command}" "${sf_commit}" >> "${stage_times}"
 }
 
 stage0() {
@@ -214,7 +219,7 @@ stage5() {
   done
   log "Stage 5: writing ${results_md}"
   python -m speechllm.bin.results --decode_dirs "${ddirs[@]}" --stage_times "${stage_times}" \
-    --command "${SF_COMMAND:-$0 ${args[*]}}" --output "${results_md}" --plot "${results_md%.md}_f1.png"
+    --command "${sf_command}" --output "${results_md}" --plot "${results_md%.md}_f1.png"
 }
 
 for s in 0 1 2 3 4 5; do
