@@ -51,7 +51,7 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         if self.vocab not in ("transcripts", "full"):
-            raise ValueError(f"align.vocab must be 'transcripts' or 'full', not {self.vocab!r}")
+            raise ValueError(f"vocab must be 'transcripts' or 'full', not {self.vocab!r}")
 
 
 def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:

@@ -22,15 +22,17 @@ class TimeLimit(Exception):
 
 
 class Budget:
-    def __init__(self, max_minutes: float | None, world: World) -> None:
-        self.max_minutes, self.world = max_minutes, world
+    def __init__(self, max_minutes: float | None, world: World, spent_s: float = 0.0) -> None:
+        """``spent_s``: the training seconds of the jobs before this one (from the checkpoint resumed)."""
+        self.max_minutes, self.world, self.spent_s = max_minutes, world, spent_s
         self.start = time.time()
         self.excluded = 0.0
         self.slowest = 0.0
         self.last_check: float | None = None
 
     def train_seconds(self) -> float:
-        return time.time() - self.start - self.excluded
+        """Training seconds of the run so far, earlier jobs included."""
+        return self.spent_s + time.time() - self.start - self.excluded
 
     @contextmanager
     def paused(self) -> Iterator[None]:

@@ -74,11 +74,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``changes`` over ``base``, nested mappings merged key by key."""
+def merge(base: dict[str, Any], changes: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``changes`` over ``base``, nested mappings merged key by key; a mapping over a value (or the
+    reverse) is an error naming the key."""
     out = dict(base)
     for key, value in changes.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = merge(old, value, f"{where}{key}.")
+        elif key in out and old is not None and value is not None and isinstance(value, dict) != isinstance(old, dict):
+            raise InputError(f"{where}{key}: cannot set {value!r} over {old!r} (a block and a single value)")
+        else:
+            out[key] = value
+    return out
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """The default value of every field of ``cls`` that has one, nested configs as mappings."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
     return out
 
 
@@ -105,7 +124,10 @@ def parse_overrides(text: str, source: str = "--train_args") -> dict[str, Any]:
         node = out
         for part in parents:
             node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value) if value else ""
+        try:
+            node[last] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as e:
+            raise InputError(f"{source}: {key}: {value!r} is not a YAML value ({e.problem})") from None
     return out
 
 
@@ -121,20 +143,28 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
     return lines
 
 
-def load_yaml_dataclass(path: str | Path, cls: type[T]) -> T:
-    """A config file (``base:`` chain resolved) as a typed dataclass."""
-    return from_dict(cls, load_config(path), str(path))
+def load_yaml_dataclass(path: str | Path, cls: type[T], overrides: dict[str, Any] | None = None,
+                        source: str | None = None) -> T:
+    """A config file (``base:`` chain resolved) over the class's defaults, nested blocks merged key by
+    key, then ``overrides`` (from the command line), as a typed ``cls``."""
+    values = merge(merge(defaults(cls), load_config(path)), overrides or {})
+    return from_dict(cls, values, source or str(path))
 
 
-def record_config(path: Path, config: Any, force: bool = False) -> None:
-    """Write a run's resolved config (a dataclass) to ``path``. One recorded by an earlier run that resolves
-    differently is refused (a resumed run must train on what it started with) unless ``force``."""
+def record_config(path: Path, config: Any, check: bool) -> None:
+    """Write a run's resolved config (a dataclass) to ``path``. With ``check`` (the run resumes), one
+    recorded before that resolves differently is refused: a resumed run trains on what it started with."""
     resolved = dataclasses.asdict(config)
-    if path.exists() and not force:
-        changed = differences(dataclasses.asdict(load_yaml_dataclass(path, type(config))), resolved)
+    if check and path.exists():
+        hint = "resume with the recorded config, train into a new experiment dir (--tag), or force the new " \
+               "config (--force_config true)"
+        try:
+            recorded = dataclasses.asdict(load_yaml_dataclass(path, type(config)))
+        except InputError as e:
+            raise InputError(f"{e}\n{path} is this experiment's recorded config: {hint}") from None
+        changed = differences(recorded, resolved)
         if changed:
             raise InputError(f"{path} records another config for this experiment:\n  " + "\n  ".join(changed)
-                             + "\nresume with the recorded config, train into a new experiment dir (--tag), or "
-                             "force the new config (--force_config true)")
+                             + f"\n{hint}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")

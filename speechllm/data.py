@@ -242,7 +242,7 @@ def tokenized(model: SpeechLLM, jsonl: Path, directory: Path, world: World = Wor
     if world.is_main:
         def tokenize(examples: list[Example]) -> list[tuple[list[int], list[int], list[int]]]:
             return model.formatter.tokenize_many([e.prompt for e in examples], [e.target for e in examples],
-                                               [e.feats_path is not None for e in examples])
+                                                 [e.feats_path is not None for e in examples])
 
         tokenize_once(jsonl, directory, tokenize, fingerprint(model.formatter.fingerprint()), limit)
     world.barrier()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from speechllm.data import Example, load_feats
 from speechllm.model.builder import ModelSpec
-from speechllm.model.speechllm import ModelInput, Generation, SpeechLLM
+from speechllm.model.speechllm import Generation, ModelInput, SpeechLLM
 from speechllm.parsing import parse_slots
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,9 @@ def decode_examples(model: SpeechLLM, examples: list[Example], batch_size: int =
     """
     if not examples:  # an empty share: more jobs than examples
         return []
-    encoded = model.formatter.tokenize_many([e.prompt for e in examples], [None] * len(examples),
-                                          [e.feats_path is not None for e in examples])
-    prompts = {e.id: (before, after) for e, (before, after, _) in zip(examples, encoded)}
+    tokenized = model.formatter.tokenize_many([e.prompt for e in examples], [None] * len(examples),
+                                              [e.feats_path is not None for e in examples])
+    prompts = {e.id: (before, after) for e, (before, after, _) in zip(examples, tokenized)}
     if any(e.feats_path is not None and not e.n_frames for e in examples):
         log.warning("stage-2 rows without n_frames (an older dump): batches are sorted by prompt tokens only")
     order = sorted(examples, key=lambda e: (len(prompts[e.id][0]) + len(prompts[e.id][1]) + e.n_frames, e.id))

@@ -16,6 +16,7 @@ from speechllm.data import TokenizedSet, collate
 from speechllm.decode import decode_examples
 from speechllm.metrics import score_corpus
 from speechllm.model.speechllm import SpeechLLM
+from speechllm.run_log import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,9 @@ def validation_loss(model: SpeechLLM, dataset: TokenizedSet, batch_size: int) ->
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
-        encoded, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        n_tokens = sum(len(e.target) for e in encoded)
-        total += model(encoded).item() * n_tokens
+        inputs, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        n_tokens = sum(len(x.target) for x in inputs)
+        total += model(inputs).item() * n_tokens
         count += n_tokens
     model.train()
     return total / max(count, 1)
@@ -44,7 +45,7 @@ class CurveEvaluator:
         self.batch_size, self.max_new_tokens, self.path = batch_size, max_new_tokens, outdir / "curve.jsonl"
 
     @torch.no_grad()
-    def __call__(self, model: SpeechLLM, step: int, train_s: float, writer) -> dict:
+    def __call__(self, model: SpeechLLM, step: int, train_s: float, run_log: RunLog) -> dict:
         model.eval()
         results = decode_examples(model, self.examples, self.batch_size, self.max_new_tokens)
         model.train()
@@ -55,8 +56,8 @@ class CurveEvaluator:
                  "dev_example": results[0]["output"] if results else ""}
         log.info("step %d (%.0f s of training): dev partial F1 %.3f, exact F1 %.3f; e.g. %r", step, train_s,
                  point["dev_partial_f1"], point["dev_exact_f1"], point["dev_example"][:120])
-        writer.add_scalar("dev/partial_f1", point["dev_partial_f1"], step)
-        writer.add_scalar("dev/exact_f1", point["dev_exact_f1"], step)
+        run_log.add_scalar("dev/partial_f1", point["dev_partial_f1"], step)
+        run_log.add_scalar("dev/exact_f1", point["dev_exact_f1"], step)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(point) + "\n")
         return point

@@ -75,6 +75,7 @@ class Trainer:
                                                          self.total_steps)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.stopped_idle_before = False  # the checkpoint resumed from was a time-limit stop without a step
+        self.train_s_before = 0.0  # training seconds of the jobs before this one (max_minutes counts them)
         # the auxiliary CTC loss keeps the head that the LLM reads through aligned (text-only models have none)
         self.ctc = None
         if cfg.ctc_weight > 0 and model.ctc_head is not None:
@@ -106,19 +107,20 @@ class Trainer:
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
     # -- one optimizer step ----------------------------------------------------------------------
-    def train_step(self, group: list[list[int]], micro: list[tuple[list[ModelInput], list[str]]]) -> tuple[float, float]:
+    def train_step(self, group: list[list[int]],
+                   micro: list[tuple[list[ModelInput], list[str]]]) -> tuple[float, float]:
         """One optimizer step over a group of global batches, of which ``micro`` holds this rank's shares.
 
         Returns this rank's share of the step's LLM loss, and its mean auxiliary CTC loss (0 without one)."""
         n_tokens = int(self.train_set.n_target[np.concatenate(group)].sum())
         share = ctc_mean = 0.0
-        for k, (encoded, texts) in enumerate(micro):
+        for k, (inputs, texts) in enumerate(micro):
             last = k == len(group) - 1
             with nullcontext() if last or not self.world.distributed else self.forward.no_sync():
-                loss = self.forward(encoded, num_items_in_batch=n_tokens)
+                loss = self.forward(inputs, num_items_in_batch=n_tokens)
                 share += loss.item()
                 if self.ctc is not None:
-                    ctc = self.ctc.loss([e.feats for e in encoded], texts)
+                    ctc = self.ctc.loss([x.feats for x in inputs], texts)
                     ctc_mean += ctc.item() / len(group)
                     loss = loss + self.cfg.ctc_weight * ctc / len(group)
                 # DDP averages gradients over ranks, each of which holds a share of one global sum
@@ -135,7 +137,7 @@ class Trainer:
         # the batch position only means something for the same global batch and accumulation
         position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "global_batch": self.global_batch, "grad_accum": self.cfg.grad_accum,
-                    "stopped_idle": stopped_idle}
+                    "stopped_idle": stopped_idle, "train_s": self.budget.train_seconds()}
         save_checkpoint(self.outdir, self.step, {"trainable": trainable, "optimizer": self.optimizer.state_dict(),
                                                  "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                                                  "position": position}, self.cfg.keep_checkpoints)
@@ -160,6 +162,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
         self.stopped_idle_before = pos.get("stopped_idle", False)
+        self.train_s_before = pos.get("train_s", 0.0)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch_in_epoch)
 
     def stop_for_time_limit(self, run_log: RunLog, idle: bool) -> None:
@@ -181,7 +184,8 @@ class Trainer:
     def train(self) -> None:
         cfg, world, main = self.cfg, self.world, self.world.is_main
         self.maybe_resume()
-        run_log, budget = RunLog(self.outdir, world), Budget(cfg.max_minutes, world)
+        run_log = RunLog(self.outdir, world)
+        self.budget = budget = Budget(cfg.max_minutes, world, self.train_s_before)
         curve = None
         if cfg.eval_every and main:
             curve = CurveEvaluator(self.valid_set, cfg.eval_max_examples, cfg.batch_size,
@@ -245,7 +249,7 @@ class Trainer:
             save_model(self.model, self.spec, self.outdir / "model", self.base_path)
             plot_losses(self.outdir / "train_log.jsonl", self.outdir / "loss.png")
         world.barrier()
-        log.info("training done: %d steps in %.1f s; model in %s", self.step, budget.train_seconds(),
+        log.info("training done: %d steps, %.1f s of training; model in %s", self.step, budget.train_seconds(),
                  self.outdir / "model")
 
 

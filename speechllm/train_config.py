@@ -37,13 +37,16 @@ class TrainConfig:
     align: AlignConfig = field(default_factory=AlignConfig)  # CTC alignment of the adapter (beyond the paper)
     audio_input: str = "adapter"  # what the LLM reads: "adapter" frames or "ctc_tokens" (needs align.steps > 0)
     ctc_weight: float = 0.0  # slot filling adds this times the CTC loss of the batch's transcripts (ctc_tokens)
-    max_minutes: float | None = None  # stop after this much training time (alignment included)
+    max_minutes: float | None = None  # training time of the run, resumed jobs included (alignment too, evaluation not)
     eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
     eval_max_examples: int = 40
     eval_max_new_tokens: int | None = None  # None: decoding's cap, from the longest training target
     num_workers: int = 0  # DataLoader processes that read features ahead of the step (0: in the step)
 
     def __post_init__(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 (the newest is what a resume needs), not "
+                             f"{self.keep_checkpoints}")
         if self.audio_input not in ("adapter", "ctc_tokens"):
             raise ValueError(f"audio_input must be 'adapter' or 'ctc_tokens', not {self.audio_input!r}")
         if self.audio_input == "ctc_tokens" and self.align.steps <= 0:

@@ -171,6 +171,9 @@ def test_results_select_runs_by_identity(runs, tmp_path, capsys, caplog, monkeyp
     bad = write_scores(tmp_path / "bad", scores_of(0.7, "tiny_llama", "hybrid"))  # hybrid without its switch
     with pytest.raises(InputError, match="needs an llm, a set, and a mode"):
         results_bin.main(["--decode_dirs", str(bad), "--output", str(tmp_path / "R.md")])
+    results_bin.main(["--decode_dirs", str(bad), *dirs, "--list", "--llms", "tiny_qwen3"])  # a grid's search
+    assert capsys.readouterr().out == f"{runs['qwen']}\n"
+    assert f"{bad / 'score' / 'scores.json'}: run" in caplog.text and "left out" in caplog.text
 
 
 def test_modes_helper_checks_and_expands(capsys):

@@ -81,11 +81,11 @@ def rank_startup(tokens: Path, llm_config: Path) -> dict:
     cfg = TrainConfig(batch_size=4, effective_batch=128, num_workers=2)
     trainer = Trainer(model, ModelSpec(llm={}, feat_dim=0), cfg, TokenizedSet(tokens), None, tokens.parent)
     batches = trainer.epoch_batches()
-    encoded, _ = next(iter(trainer.loader(batches, 0)))
+    inputs, _ = next(iter(trainer.loader(batches, 0)))
     after = rss_mb()
     return {"rank_startup_s": round(time.time() - start, 2), "rank_rss_mb": round(after[0] - before[0], 1),
             "rank_private_mb": round(after[1] - before[1], 1),
-            "first_batch_rows": len(encoded), "batches_per_epoch": len(batches)}
+            "first_batch_rows": len(inputs), "batches_per_epoch": len(batches)}
 
 
 def startup(args: argparse.Namespace) -> dict:

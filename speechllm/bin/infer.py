@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, InputError) as err:
         sys.exit(str(err))
     if not spec.whisper:
-        sys.exit(f"{model_dir / SPEC_FILE} does not record its Whisper encoder; retrain with sf.sh")
+        sys.exit(f"{model_dir / SPEC_FILE} does not record its Whisper encoder: add whisper: <name or path> to "
+                 "it (the encoder of the features it was trained on)")
     mode = spec.mode
     if args.think and mode == "regular":
         sys.exit("--think needs a reasoning or hybrid model; this one was trained in regular mode")

@@ -70,12 +70,19 @@ def system_of(run: dict) -> str:
 
 
 def select(decode_dirs: list[Path], llms: list[str] | None = None, modes: list[str] | None = None,
-           tag: str | None = None) -> list[tuple[Path, dict, dict]]:
+           tag: str | None = None, skip_bad: bool = False) -> list[tuple[Path, dict, dict]]:
     """``(decode dir, run, scores)`` of the runs of these LLMs, modes and tag (``None``: any; tag ``""``:
-    untagged runs only)."""
+    untagged runs only). With ``skip_bad``, a dir whose scores cannot be read is left out with a warning
+    (a grid looking for its runs among every dir of ``exp/``) instead of stopping."""
     kept = []
     for ddir in decode_dirs:
-        found = read_run(ddir)
+        try:
+            found = read_run(ddir)
+        except InputError as e:
+            if not skip_bad:
+                raise
+            log.warning("%s: left out", e)
+            continue
         if found is None:
             continue
         run, scores = found
@@ -122,7 +129,8 @@ def environment() -> list[str]:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return [f"- commit: {commit}", f"- Python {platform.python_version()}, {', '.join(packages)}",
-            f"- {platform.platform()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), GPU: {gpu}"]
+            f"- {platform.platform()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+            f"GPU: {gpu}"]
 
 
 def render(table: Table, stage_times: Path | None, command: str) -> str:
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="bar chart PNG of partial F1 per system and mode")
     args = parser.parse_args(argv)
     setup_logging()
-    runs = select(args.decode_dirs, args.llms, args.modes, args.tag)
+    runs = select(args.decode_dirs, args.llms, args.modes, args.tag, skip_bad=args.list)
     if args.list:
         print("".join(f"{ddir}\n" for ddir, _, _ in runs), end="")
         return

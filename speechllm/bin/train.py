@@ -3,9 +3,10 @@
 Run it with ``python -m`` for one process, or under ``torchrun`` (see ``utils/torchrun.sh``) for
 DistributedDataParallel over GPUs, nodes, or CPU processes.
 
-The configs are resolved (``base:`` chains, then ``--train_args``/``--llm_args``) and recorded in the
-experiment dir as ``train.yaml`` and ``llm.yaml``; a rerun whose resolved configs differ from the
-recorded ones is refused unless ``--force_config``.
+The configs are resolved (the class's defaults, the file with its ``base:`` chain, then
+``--train_args``/``--llm_args``) and recorded in the experiment dir as ``train.yaml`` and ``llm.yaml``;
+a run that would resume from a checkpoint with other resolved configs is refused unless
+``--force_config``.
 
 A job backend with a time limit (``utils/run_slurm.py``) sets ``JOB_END_TIME`` (Unix seconds) and
 ``JOB_RESUME_FLAG`` (a path): training then checkpoints before the end, creates the flag file and
@@ -20,12 +21,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
 from speechllm.budget import TimeLimit
-from speechllm.config import from_dict, load_config, merge, parse_overrides, record_config
+from speechllm.checkpoint import latest_checkpoint
+from speechllm.config import load_yaml_dataclass, parse_overrides, record_config
 from speechllm.distributed import close_world, init_world
 from speechllm.features import read_whisper_record
 from speechllm.formatting import MODES
@@ -34,16 +35,9 @@ from speechllm.model.llm import LLMConfig
 from speechllm.train import build_and_train
 from speechllm.train_config import TrainConfig
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 RESUMABLE_EXIT = 75  # EX_TEMPFAIL: stopped early on purpose, run again to continue
-
-
-def resolve(config: Path, overrides: str, cls: type[T], flag: str) -> T:
-    """The config file with its ``base:`` chain and the command line's overrides, as a checked ``cls``."""
-    values = merge(load_config(config), parse_overrides(overrides, flag))
-    return from_dict(cls, values, f"{config} with {flag} {overrides!r}" if overrides else str(config))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--valid_jsonl", type=Path)
     parser.add_argument("--llm_config", type=Path, required=True, help="conf/llm/<name>.yaml")
     parser.add_argument("--llm_args", default="", help='overrides of the LLM config, e.g. "lora.r=16"')
+    parser.add_argument("--llm_path", help="a local copy of the LLM config's weights (its name_or_path; the offline "
+                        "cache is then not used)")
     parser.add_argument("--train_config", type=Path, required=True, help="conf/train*.yaml")
     parser.add_argument("--train_args", default="", help='overrides of the training config, e.g. "lr=1e-3 '
                         'max_minutes=20 align.steps=600"')
@@ -67,11 +63,20 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(logging.INFO if rank == 0 else logging.WARNING)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
-    train_cfg = resolve(args.train_config, args.train_args, TrainConfig, "--train_args")
-    llm_cfg = resolve(args.llm_config, args.llm_args, LLMConfig, "--llm_args")
-    if rank == 0:
-        record_config(args.outdir / "train.yaml", train_cfg, args.force_config)
-        record_config(args.outdir / "llm.yaml", llm_cfg, args.force_config)
+    def where(config: Path, flag: str, text: str) -> str:
+        return f"{config} with {flag} {text!r}" if text else str(config)
+
+    train_cfg = load_yaml_dataclass(args.train_config, TrainConfig, parse_overrides(args.train_args, "--train_args"),
+                                    where(args.train_config, "--train_args", args.train_args))
+    llm_overrides = parse_overrides(args.llm_args, "--llm_args")
+    if args.llm_path:  # a path as it is, not read as YAML
+        llm_overrides.update(name_or_path=args.llm_path, local_cache=None)
+    llm_cfg = load_yaml_dataclass(args.llm_config, LLMConfig, llm_overrides,
+                                  where(args.llm_config, "--llm_args", args.llm_args))
+    if rank == 0:  # a run that resumes must train on the configs it started with
+        resuming = latest_checkpoint(args.outdir) is not None and not args.force_config
+        record_config(args.outdir / "train.yaml", train_cfg, resuming)
+        record_config(args.outdir / "llm.yaml", llm_cfg, resuming)
     whisper = args.whisper or read_whisper_record(args.train_jsonl.parent)
     if whisper is None:
         log.warning("%s records no Whisper encoder (a dump from before stage 1 recorded it; rerun stage 1, which "

@@ -9,6 +9,7 @@ model (the cascade, ``feat_dim: 0``) has no adapter.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -24,6 +25,8 @@ from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead
 from speechllm.model.llm import LLMConfig, PromptFormatter, add_lora, build_tiny, load_llm
 from speechllm.model.speechllm import SpeechLLM
+
+log = logging.getLogger(__name__)
 
 SPEC_FILE = "speechllm.yaml"
 
@@ -42,7 +45,13 @@ class ModelSpec:
 
     @property
     def llm_config(self) -> LLMConfig:
-        return from_dict(LLMConfig, self.llm, "speechllm.yaml:llm")
+        """The LLM config. A model dir records every field of its time: one a later version dropped is
+        ignored, with a warning, so that older models still load."""
+        known = {f.name for f in dataclasses.fields(LLMConfig)}
+        dropped = sorted(set(self.llm) - known)
+        if dropped:
+            log.warning("speechllm.yaml: ignoring LLM config key(s) %s, which this version no longer has", dropped)
+        return from_dict(LLMConfig, {k: v for k, v in self.llm.items() if k in known}, "speechllm.yaml:llm")
 
 
 def build_speechllm(spec: ModelSpec, base_path: str | Path | None = None, device: torch.device | str = "cpu",

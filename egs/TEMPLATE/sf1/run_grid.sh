@@ -14,6 +14,7 @@ set -euo pipefail
 . utils/log.sh
 . ./path.sh
 
+grid_command=$(printf '%q ' "$0" "$@")  # recorded in the grid's RESULTS, quoted so that it can be run again
 llms="llama32_1b_instruct llama31_8b_instruct llama31_8b deepseek_r1_distill_llama8b qwen3_0_6b qwen3_4b phi4_mini_reasoning"
 modes=all
 tag=""
@@ -56,6 +57,6 @@ done
 
 log "grid: writing ${results_md}"
 scored --llms ${llms} --modes ${modes} --stage_times exp/stage_times.tsv \
-  --command "local/run_grid.sh --llms \"${llms}\" --modes \"${modes}\"${tag:+ --tag ${tag}} ${run_args[*]}" \
+  --command "${grid_command% }" \
   --output "${results_md}" --plot "${results_md%.md}_f1.png" > /dev/null
 log "grid: done; see ${results_md} and ${results_md%.md}_f1.png"

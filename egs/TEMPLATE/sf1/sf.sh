@@ -85,19 +85,14 @@ if [[ " ${modes} " == *" cascade "* ]] && [ "${asr}" != true ]; then
   exit 1
 fi
 [ -f "${train_config}" ] || { log "Error: --train_config ${train_config} not found"; exit 1; }
-if [ -n "${llm_path}" ]; then
-  # the config stays the single description of the model; only its location changes
-  printf -v quoted_path '%q' "${llm_path}"
-  llm_args="name_or_path=${quoted_path} local_cache=null ${llm_args}"
-fi
-
 expdir_of() { echo "exp/${llm}_$1${tag:+_${tag}}"; }
 job_gpu=$((ngpu > 0 ? 1 : 0))  # GPUs per job of stages 1 and 4
 all_sets="${train_set} ${valid_set} ${test_sets}"
 mkdir -p exp
 stage_times=exp/stage_times.tsv
 # what RESULTS.md says produced each stage: the command and the code's commit (+changes: uncommitted edits)
-sf_command="${SF_COMMAND:-$0 ${args[*]}}"
+sf_command=${SF_COMMAND:-}
+[ -n "${sf_command}" ] || printf -v sf_command '%q ' "$0" "${args[@]}"
 sf_commit=$(git rev-parse --short HEAD 2>/dev/null || echo -)
 if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then sf_commit="${sf_commit}+changes"; fi
 timed() {  # timed <stage> <command...>: run a stage and record its wall time, what it ran for, and how
@@ -155,8 +150,9 @@ stage3() {
     nproc_per_node=${cpu_procs} train_device=cpu
     [ "${cpu_procs}" -gt 1 ] && train_threads="--num_threads ${cpu_procs}"
   fi
-  local force=()
-  [ "${force_config}" = true ] && force=(--force_config)
+  local opts=()  # the config stays the single description of the model; --llm_path changes its location
+  if [ "${force_config}" = true ]; then opts+=(--force_config); fi
+  if [ -n "${llm_path}" ]; then opts+=(--llm_path "${llm_path}"); fi
   log "Stage 3: ${num_nodes} node(s) x ${nproc_per_node} process(es) on ${train_device}, batch per process" \
     "x grad_accum x $((num_nodes * nproc_per_node)) = effective batch (see ${train_config})"
   for m in ${modes}; do
@@ -170,7 +166,7 @@ stage3() {
       utils/torchrun.sh --nproc_per_node "${nproc_per_node}" --nnodes "${num_nodes}" \
       -m speechllm.bin.train --train_jsonl "dump/${train_set}/${m}.jsonl" \
       --valid_jsonl "dump/${valid_set}/${m}.jsonl" --train_config "${train_config}" --llm_config "${llm_config}" \
-      --train_args "${train_args}" --llm_args "${llm_args}" "${force[@]}" --outdir "${expdir}" --mode "${m}" \
+      --train_args "${train_args}" --llm_args "${llm_args}" "${opts[@]}" --outdir "${expdir}" --mode "${m}" \
       --device "${train_device}"
     log "$(grep 'training done' "${expdir}/train.log" | tail -1 | sed 's/.*INFO: //')"
   done

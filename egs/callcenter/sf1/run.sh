@@ -4,12 +4,13 @@
 #   ./run.sh --preset mini        # CI-sized: tiny models built from configs, a few minutes on CPU
 #   ./run.sh --preset long        # a few hours of CPU; --preset gpu: the paper's settings on a GPU
 #   ./run.sh --stage 3 --llm llama31_8b --mode reasoning
-#   local/run_grid.sh --llms "qwen3_0_6b qwen3_4b"   # the paper's LLM x mode grid, one RESULTS.md
+#   local/run_grid.sh --llms "qwen3_0_6b qwen3_4b"   # the paper's LLM x mode grid: exp/RESULTS_grid.md
 set -euo pipefail
 
 [ -f ../../../tools/venv/.installed ] || ../../../tools/install.sh
 
-export SF_COMMAND="$0 $*"  # recorded in RESULTS.md
+SF_COMMAND=$(printf '%q ' "$0" "$@")  # recorded in RESULTS.md, quoted so that it can be run again
+export SF_COMMAND="${SF_COMMAND% }"
 # corpus sizes are local/data.sh's defaults; presets and --local_data_opts change them
 ./sf.sh \
   --train_set train --valid_set dev --test_sets test \

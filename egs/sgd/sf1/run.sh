@@ -8,7 +8,8 @@ set -euo pipefail
 
 [ -f ../../../tools/venv/.installed ] || ../../../tools/install.sh
 
-export SF_COMMAND="$0 $*"  # recorded in RESULTS.md
+SF_COMMAND=$(printf '%q ' "$0" "$@")  # recorded in RESULTS.md, quoted so that it can be run again
+export SF_COMMAND="${SF_COMMAND% }"
 # --sgd_root is this recipe's own flag; it reaches local/data.sh through db.sh's SGD variable
 args=()
 while [ $# -gt 0 ]; do

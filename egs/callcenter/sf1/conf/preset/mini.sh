@@ -5,4 +5,3 @@ whisper=conf/whisper/tiny_random.yaml
 llm=tiny_llama
 train_config=conf/train_mini.yaml
 context_source=reference   # the random encoder's ASR output is noise
-results_md=exp/RESULTS.md
