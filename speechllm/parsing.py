@@ -3,6 +3,11 @@
 The model is trained to emit JSON (double quotes); the paper prints Python dicts (single quotes).
 Both are accepted so that outputs of other systems can be scored with the same code. A label may
 hold a list of values (``{"account_type": ["checking", "savings"]}``); other values become strings.
+
+The answer is looked for in the ``<response>`` body, else after ``</thinking>``, else in the whole
+output. A reasoning output cut off inside its trace (``<thinking>`` with neither ``</thinking>`` nor
+``<response>``: the model hit the cap on new tokens) has no answer: it is unparseable, with no slots,
+even when the trace quotes a dict.
 """
 
 from __future__ import annotations
@@ -60,17 +65,22 @@ def _first_braced(text: str) -> str | None:
 
 
 def response_part(text: str) -> str:
-    """The part of a generation that holds the answer: the ``<response>`` body, else everything."""
+    """The part of a generation that holds the answer: the ``<response>`` body, else what follows
+    ``</thinking>``, else everything; nothing (``""``) for a trace cut off before either tag."""
     match = _RESPONSE_RE.search(text)
     if match:
         return match.group(1)
     if "</thinking>" in text:
         return text.split("</thinking>", 1)[1]
+    if "<thinking>" in text:  # truncated mid-trace: a dict in the trace is not the answer
+        return ""
     return text
 
 
 def parse_slots(text: str) -> ParsedOutput:
-    """Extract the slot dict of a generation; unparseable output gives ``({}, parseable=False)``."""
+    """Extract the slot dict of a generation (the first ``{...}`` of :func:`response_part`, read as JSON
+    or as a Python dict); unparseable output, a trace cut off before ``</thinking>`` and ``<response>``
+    included, gives ``({}, parseable=False)``."""
     body = _first_braced(response_part(text))
     if body is None:
         return ParsedOutput({}, False)

@@ -63,7 +63,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 if [ -n "${preset}" ]; then
-  [ -f "conf/preset/${preset}.sh" ] || { log "Error: unknown preset '${preset}' (see conf/preset/)"; exit 1; }
+  if [ ! -f "conf/preset/${preset}.sh" ]; then
+    log "Error: unknown preset '${preset}'. Available: $(ls conf/preset | sed -n 's/\.sh$//p' | tr '\n' ' ')"
+    exit 1
+  fi
   . "conf/preset/${preset}.sh"
 fi
 . utils/parse_options.sh
