@@ -82,7 +82,7 @@ def test_align_vocab_config_is_checked(tmp_path):
     
     path = tmp_path / "train.yaml"
     path.write_text("align:\n  steps: 10\n  vocab: all\n")
-    with pytest.raises(InputError, match=rf"{path}: align: align.vocab must be 'transcripts' or 'full', not 'all'"):
+    with pytest.raises(InputError, match=rf"{path}: align: vocab must be 'transcripts' or 'full', not 'all'"):
         load_yaml_dataclass(path, TrainConfig)
 
 
@@ -139,29 +139,82 @@ def test_ctc_alignment_learns_to_transcribe(tmp_path):
     assert exact >= 12, exact
 
 
-def test_trainer_runs_the_alignment_phase_once(tmp_path):
+class Killed(Exception):
+    pass
+
+
+def test_trainer_runs_the_alignment_phase_once(tmp_path, monkeypatch):
+    """A run killed after the alignment phase, before its first checkpoint, starts again at step 0: the
+    phase is reloaded from align/, not repeated, and slot filling starts from the aligned adapter."""
     from conftest import write_examples
+    from speechllm.decode import decode_examples
+    from speechllm.metrics import score_corpus
+    from speechllm.model.builder import build_speechllm
     from speechllm.data import tokenized
     from speechllm.train import Trainer
 
     rows = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {},
              "text": "pay thirty dollars"} for i in range(4)]
     jsonl = write_examples(tmp_path, rows)
+    torch.manual_seed(0)
     model, spec, base = make_tiny_speechllm(tmp_path, ["pay thirty dollars <audio> Find slots. {}"] * 20)
+    fresh_adapter = {k: v.clone() for k, v in model.adapter.state_dict().items()}
     cfg = TrainConfig(batch_size=2, grad_accum=1, max_steps=2, align=AlignConfig(steps=6, batch_size=2, eval_every=3),
                       save_every=100, eval_every=2, eval_max_examples=2, eval_max_new_tokens=4)
     exp = tmp_path / "exp"
+    aligner_runs, adapter_at_first_step = [], []
+    align_run, train_step = AdapterAligner.run, Trainer.train_step
+
+    def counted_run(self, *args, **kwargs):
+        aligner_runs.append(len(aligner_runs) + 1)
+        return align_run(self, *args, **kwargs)
+
+    def killed(self, group, micro):
+        raise Killed
+
+    def recorded(self, group, micro):
+        if self.step == 0:
+            adapter_at_first_step.append({k: v.clone() for k, v in self.model.adapter.state_dict().items()})
+        return train_step(self, group, micro)
+
+    monkeypatch.setattr(AdapterAligner, "run", counted_run)
+    monkeypatch.setattr(Trainer, "train_step", killed)
     data = tokenized(model, jsonl, exp / "tokens")
-    Trainer(model, spec, cfg, data, data, exp, base).train()
-    log_lines = (tmp_path / "exp" / "align" / "align_log.jsonl").read_text().splitlines()
+    with pytest.raises(Killed):
+        Trainer(model, spec, cfg, data, data, exp, base).train()
+    assert aligner_runs == [1] and not list((exp / "checkpoints").glob("step_*"))
+    log_lines = (exp / "align" / "align_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log_lines] == [3, 6]
     assert json.loads(log_lines[-1])["valid_values"] == 0  # these turns have no slot values
-    hyp_lines = (tmp_path / "exp" / "align" / "valid_hyp_step6.tsv").read_text().splitlines()
+    hyp_lines = (exp / "align" / "valid_hyp_step6.tsv").read_text().splitlines()
     assert [line.split("\t")[:2] for line in hyp_lines] == [[f"u{i}", "pay thirty dollars"] for i in range(4)]
-    aligned = torch.load(tmp_path / "exp" / "align" / "adapter.pt")
+    aligned = torch.load(exp / "align" / "adapter.pt")
     assert set(aligned) == set(model.adapter.state_dict())
-    (point,) = [json.loads(line) for line in (tmp_path / "exp" / "curve.jsonl").read_text().splitlines()]
-    assert point["step"] == 2 and 0.0 <= point["dev_partial_f1"] <= 1.0 and point["train_s"] > 0
+    assert any(not torch.equal(aligned[k], fresh_adapter[k]) for k in aligned)
+    written = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (exp / "align").iterdir()}
+
+    # a new process: a fresh model, the same experiment dir
+    torch.manual_seed(0)
+    model = build_speechllm(spec, base)
+    assert all(torch.equal(v, fresh_adapter[k]) for k, v in model.adapter.state_dict().items())
+    monkeypatch.setattr(Trainer, "train_step", recorded)
+    data = tokenized(model, jsonl, exp / "tokens")
+    Trainer(model, spec, cfg, data, data, exp, base).train()
+    assert aligner_runs == [1]  # not repeated
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (exp / "align").iterdir()} == written
+    (first,) = adapter_at_first_step
+    for k in aligned:  # reloaded
+        torch.testing.assert_close(first[k], aligned[k], rtol=0, atol=0, msg=k)
+
+    # the learning-curve point at step 2 (the last) is the final model's dev scores, decoded and scored here
+    (point,) = [json.loads(line) for line in (exp / "curve.jsonl").read_text().splitlines()]
+    dev = read_examples(jsonl)[:2]
+    model.eval()
+    results = decode_examples(model, dev, batch_size=2, max_new_tokens=4)
+    scores = score_corpus({e.id: e.slots for e in dev}, {r["id"]: (r["slots"], r["parseable"]) for r in results})
+    assert point["train_s"] > 0 and {k: v for k, v in point.items() if k != "train_s"} == {
+        "step": 2, "dev_partial_f1": scores["partial"]["f1"], "dev_exact_f1": scores["exact"]["f1"],
+        "dev_unparseable": scores["n_unparseable"], "dev_example": results[0]["output"]}
 
 
 def test_ctc_tokens_model_trains_saves_and_reloads(tmp_path):

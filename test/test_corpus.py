@@ -1,14 +1,19 @@
 """The call-centre generator: determinism, inventory, values in text; espeak-ng data dirs."""
 
+import io
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
+from scipy.signal import resample_poly
 
 from speechllm.corpus.callcenter import generate_call, generate_corpus, slot_inventory
 from speechllm.corpus.callcenter_domains import DOMAINS
-from speechllm.corpus.synth import build_data_dirs
+from speechllm.corpus.synth import build_data_dirs, voice_for
 from speechllm.io_utils import read_kaldi_map, read_slots
 
 
@@ -52,17 +57,40 @@ def test_calls_are_multi_turn_with_values_in_text_and_back_references():
     assert any(v.startswith("$") for v in values) and any(v.count(" ") >= 3 and v[0].isdigit() for v in values)
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (tools/install.sh)")
+def espeak(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+    """espeak-ng's own rendering of ``text`` as 16-bit samples at 16 kHz (it speaks at 22.05 kHz)."""
+    out = subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text],
+                         capture_output=True, check=True).stdout
+    audio, sr = sf.read(io.BytesIO(out), dtype="float32")
+    assert sr == 22050
+    return np.clip(np.round(resample_poly(audio, 320, 441) * 32768), -32768, 32767).astype(np.int16)
+
+
 def test_synthesis_writes_kaldi_data_dirs(tmp_path):
+    if shutil.which("espeak-ng") is None:  # CI installs it: a missing one is a failure, never a skip
+        pytest.fail("espeak-ng is missing: run tools/install.sh (as root it installs it)")
     generate_corpus(tmp_path / "db", 3, 1, 1, seed=2)
     counts = build_data_dirs(tmp_path / "db/conversations.jsonl", tmp_path / "db/slot_inventory.json",
                              tmp_path / "wav", tmp_path / "data", nj=2, seed=2)
-    assert set(counts) == {"train", "dev", "test"}
-    d = tmp_path / "data" / "train"
-    wav, text, slots = read_kaldi_map(d / "wav.scp"), read_kaldi_map(d / "text"), read_slots(d / "slots.jsonl")
-    assert set(wav) == set(text) == set(slots) == set(read_kaldi_map(d / "utt2turn"))
-    utt = sorted(wav)[0]
-    audio, sr = sf.read(wav[utt])
-    assert sr == 16000 and len(audio) > 8000
-    utt2spk = read_kaldi_map(d / "utt2spk")
-    assert all(u.startswith(s) for u, s in utt2spk.items())
+    calls = [json.loads(line) for line in (tmp_path / "db/conversations.jsonl").read_text().splitlines()]
+    assert counts == {split: sum(len(c["turns"]) for c in calls if c["split"] == split)
+                      for split in ("train", "dev", "test")}
+    listed = set()
+    for split in counts:
+        d = tmp_path / "data" / split
+        wav, text, slots = read_kaldi_map(d / "wav.scp"), read_kaldi_map(d / "text"), read_slots(d / "slots.jsonl")
+        utt2spk, utt2conv, utt2turn = (read_kaldi_map(d / f) for f in ("utt2spk", "utt2conv", "utt2turn"))
+        turns = {f"{c['conv_id']}_{t['speaker']}_{i:03d}": (c["conv_id"], i, t)
+                 for c in calls if c["split"] == split for i, t in enumerate(c["turns"])}
+        assert set(wav) == set(text) == set(slots) == set(utt2spk) == set(utt2conv) == set(utt2turn) == set(turns)
+        for utt, (conv, i, turn) in turns.items():
+            assert text[utt] == " ".join(turn["text"].split()) and slots[utt] == turn["slots"]
+            assert (utt2conv[utt], utt2turn[utt], utt2spk[utt]) == (conv, str(i), f"{conv}_{turn['speaker']}")
+            # every wav: 16 kHz, not empty, and espeak-ng speaking this turn's text in its call side's voice
+            audio, sr = sf.read(wav[utt], dtype="int16")
+            assert sr == 16000 and audio.ndim == 1 and len(audio) > 0 and np.abs(audio).max() > 0, utt
+            expected = espeak(turn["text"], *voice_for(conv, turn["speaker"], 2))
+            assert len(audio) == len(expected), utt
+            assert np.abs(audio.astype(np.int32) - expected).max() <= 1, utt
+        listed |= {Path(p) for p in wav.values()}
+    assert listed == set((tmp_path / "wav").resolve().glob("*.wav"))  # one wav per turn, each listed once

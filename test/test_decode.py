@@ -18,6 +18,7 @@ from speechllm.data import load_feats, read_examples
 from speechllm.decode import CAP_MARGIN, CAP_SCALE, decode_examples, new_token_cap
 from speechllm.model.builder import SPEC_FILE, ModelSpec, save_model
 from speechllm.model.speechllm import ModelInput, SpeechLLM
+from speechllm.parsing import parse_slots
 
 TEXTS = ["Find slot values for payment_amount in the current audio. Format the output as JSON.",
          '{"payment_amount": "$30", "new_limit": "None"}', "I pay thirty dollars a month."] * 20
@@ -96,6 +97,22 @@ def test_features_are_read_batch_by_batch_just_before_generation(tiny, monkeypat
     alone = [decode_examples(model, [e], batch_size=1, max_new_tokens=8)[0] for e in examples]
     assert batched == sorted(alone, key=lambda r: r["id"])
     assert any(r["output"] for r in batched)
+
+
+def test_every_result_holds_its_own_examples_output(tiny):
+    """Mixed lengths over three batches, given in neither id nor length order: each result row holds the
+    output of its own example, which is generated here alone and unpadded, by id."""
+    model, _, _, examples, _ = tiny
+    own = {e.id: model.generate([_item(model, e)], max_new_tokens=8)[0] for e in examples}
+    assert len({g.text for g in own.values()}) == len(own)  # all different: any mix-up of rows shows
+    given = [examples[i] for i in (4, 0, 6, 2, 5, 1, 3)]
+    results = decode_examples(model, given, batch_size=3, max_new_tokens=8)
+    assert [r["id"] for r in results] == sorted(own)
+    for r in results:
+        g, example = own[r["id"]], next(e for e in examples if e.id == r["id"])
+        assert (r["output"], r["truncated"], r["utt_id"]) == (g.text, g.truncated, example.utt_id), r["id"]
+        parsed = parse_slots(g.text)
+        assert (r["slots"], r["parseable"]) == (parsed.slots, parsed.parseable), r["id"]
 
 
 @pytest.mark.parametrize("eos", ["real", "first token of row 0", "first token of row 0, also padding"])

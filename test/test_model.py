@@ -105,15 +105,62 @@ def test_batched_generation_equals_unbatched(tiny):
     assert any(g.text for g in one_by_one)
 
 
-def test_whisper_true_length_encoding_shapes():
-    dims = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1, n_vocab=51864,
-                n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)
-    model = load_whisper(WhisperConfig(random_init_dims=dims))
+WHISPER_DIMS = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=2, n_vocab=51864,
+                    n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)
+
+
+@pytest.fixture(scope="module")
+def random_whisper():
+    """A random Whisper whose every weight matters: ``ln_post`` and the positional embedding are not left
+    at the identity and the sinusoids, so an encoding that skips or recomputes either one shows."""
+    model = load_whisper(WhisperConfig(random_init_dims=WHISPER_DIMS))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        encoder = model.encoder
+        encoder.ln_post.weight.copy_(1 + 0.5 * torch.randn(encoder.ln_post.weight.shape, generator=generator))
+        encoder.ln_post.bias.copy_(torch.randn(encoder.ln_post.bias.shape, generator=generator))
+        encoder.positional_embedding.add_(torch.randn(encoder.positional_embedding.shape, generator=generator))
+    return model
+
+
+def whisper_encoder_at(model, n_ctx: int):
+    """openai-whisper's own ``AudioEncoder`` built for ``n_ctx`` output frames, with ``model``'s weights and
+    the first ``n_ctx`` rows of its positional embedding: its ``forward`` runs that length natively."""
+    from whisper.model import AudioEncoder
+
+    d = model.dims
+    encoder = AudioEncoder(d.n_mels, n_ctx, d.n_audio_state, d.n_audio_head, d.n_audio_layer)
+    state = model.encoder.state_dict()
+    encoder.load_state_dict({**state, "positional_embedding": state["positional_embedding"][:n_ctx]})
+    return encoder.eval()
+
+
+def test_whisper_true_length_encoding_shapes(random_whisper):
     audio = np.random.default_rng(0).standard_normal(16000 * 2 + 480).astype(np.float32) * 0.1
-    true_len = encode_audio(model, audio)
-    padded = encode_audio(model, audio, pad_30s=True)
+    true_len = encode_audio(random_whisper, audio)
+    padded = encode_audio(random_whisper, audio, pad_30s=True)
     n_mel = len(audio) // 160
     assert true_len.shape == padded.shape == ((n_mel + 1) // 2, 32)
+
+
+@pytest.mark.parametrize("seconds", [1.0, 2.5])
+def test_whisper_true_length_encoding_is_whispers_encoder_at_that_length(random_whisper, seconds):
+    """The true-length encoding of a clip of T output frames (2T mel frames) equals Whisper's own encoder
+    run at T frames: convolutions, positional embedding rows 0..T-1, every block and ``ln_post``. The first
+    T frames of the 30-s padded encoding are not that (attention also reads the padding)."""
+    import whisper
+
+    audio = np.random.default_rng(1).standard_normal(int(16000 * seconds)).astype(np.float32) * 0.1
+    n_out = len(audio) // 320  # 100 mel frames a second, two per encoder output
+    mel = whisper.log_mel_spectrogram(torch.from_numpy(audio), 80)
+    assert mel.shape == (80, 2 * n_out)
+    with torch.no_grad():
+        expected = whisper_encoder_at(random_whisper, n_out)(mel[None])[0].numpy()
+    encoded = encode_audio(random_whisper, audio)
+    assert encoded.shape == expected.shape == (n_out, 32)
+    np.testing.assert_allclose(encoded, expected, rtol=1e-4, atol=1e-5)
+    padded = encode_audio(random_whisper, audio, pad_30s=True)
+    assert np.abs(padded - expected).max() > 1e-2
 
 
 def test_job_slices_partition_the_sorted_keys():

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import copy_recipe, run
+from speechllm.metrics import score_corpus
 
 MODES = {"regular": ["regular"], "reasoning": ["reasoning"], "hybrid": ["hybrid_no_think", "hybrid_think"],
          "cascade": ["cascade"]}
@@ -54,11 +55,18 @@ def test_mini_preset_produces_every_stage_output(recipe, monkeypatch):
             n_refs = len((recipe / "data" / "test" / "wav.scp").read_text().splitlines())
             assert len(hyps) == n_refs
             scores = json.loads((ddir / "score" / "scores.json").read_text())
-            for metric in ("partial", "exact", "slu_f1"):
-                assert set(scores[metric]) >= {"precision", "recall", "f1"}
-                assert 0.0 <= scores[metric]["f1"] <= 1.0
+            # stage 5 scored this hyp.jsonl against this decode mode's stage-2 references: recomputed here
+            refs = {r["id"]: r["slots"] for r in map(json.loads, (recipe / "dump" / "test" / f"{mode}.jsonl")
+                                                     .read_text().splitlines()) if r["mode"] == name}
+            hyp_rows = [json.loads(line) for line in hyps]
+            assert sorted(r["id"] for r in hyp_rows) == sorted(refs)
+            expected = score_corpus(refs, {r["id"]: (r["slots"], r["parseable"]) for r in hyp_rows})
+            expected = json.loads(json.dumps(expected))  # as scores.json holds it
+            for key in ("partial", "exact", "slu_f1", "span_f1", "per_slot", "n_utts", "n_missing",
+                        "n_unparseable"):
+                assert scores[key] == expected[key], (name, key)
+            assert scores["n_truncated"] == sum(r["truncated"] for r in hyp_rows)
             assert scores["n_utts"] == n_refs and scores["n_missing"] == 0
-            assert "per_slot" in scores and "n_unparseable" in scores
             assert scores["run"] == {"llm": "tiny_llama", "mode": mode, "think": {"hybrid_think": True,
                                      "hybrid_no_think": False}.get(name), "tag": None, "set": "test",
                                      "whisper": str(whisper), "exp_dir": f"exp/tiny_llama_{mode}"}
@@ -80,8 +88,10 @@ def test_rerunning_stages_is_safe(recipe):
     proc = run(recipe, "--preset", "mini", "--stage", "3", "--mode", "regular", "--tag", "again")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
-    scores = recipe / "exp" / "tiny_llama_regular_again" / "decode_test_regular" / "score" / "scores.json"
-    assert json.loads(scores.read_text())["n_utts"] > 0
+    scores = json.loads((recipe / "exp" / "tiny_llama_regular_again" / "decode_test_regular" / "score" /
+                         "scores.json").read_text())
+    n_refs = len((recipe / "data" / "test" / "wav.scp").read_text().splitlines())
+    assert (scores["n_utts"], scores["n_missing"]) == (n_refs, 0)
 
 
 @pytest.mark.slow
@@ -114,6 +124,62 @@ def test_infer_prints_one_json_line_per_wav(recipe, tmp_path):
                            str(recipe / "exp" / "tiny_llama_regular"), "--think", str(wav)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "regular mode" in proc.stderr
+
+
+FIND_ALL = "<audio>\nFind all slot values in the current audio. Format the output as JSON."
+FIND_TWO = "<audio>\nFind slot values for new_limit, payment_amount in the current audio. Format the output as JSON."
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exp, flags, prompt", [
+    ("tiny_llama_regular", [], FIND_ALL),
+    ("tiny_llama_regular", ["--slots", " new_limit , payment_amount,"], FIND_TWO),
+    ("tiny_llama_reasoning", ["--think", "--slots", "new_limit,payment_amount"], FIND_TWO),  # no switch to add
+    ("tiny_llama_hybrid", [], FIND_ALL + " /no_think"),  # a hybrid model answers directly unless told
+    ("tiny_llama_hybrid", ["--think"], FIND_ALL + " /think"),
+    ("tiny_llama_hybrid", ["--no_think", "--slots", "new_limit,payment_amount"], FIND_TWO + " /no_think"),
+    ("tiny_llama_cascade", ["--slots", "new_limit,payment_amount"], FIND_TWO),
+], ids=["regular", "regular-slots", "reasoning-think-slots", "hybrid", "hybrid-think", "hybrid-no_think-slots",
+        "cascade-slots"])
+def test_infer_prompts_for_the_slots_given(recipe, tmp_path, monkeypatch, capsys, exp, flags, prompt):
+    """--slots makes the prompt query those labels (stage 2's first no-context query template), without it
+    the prompt asks for every slot; --think/--no_think add the hybrid switch. Each printed line is the
+    parse of what the model generated for that prompt."""
+    import soundfile as sf
+
+    from speechllm.bin import infer
+    from speechllm.corpus.synth import synthesize
+    from speechllm.model.speechllm import SpeechLLM
+    from speechllm.parsing import parse_slots
+
+    wav = tmp_path / "turn.wav"
+    sf.write(wav, synthesize("I'd like to raise my credit limit to $5,000.", "en-us+f2", 160, 50), 16000)
+    prompts, outputs = [], []
+    tokenize, generate = SpeechLLM.tokenize, SpeechLLM.generate
+
+    def recorded_tokenize(self, feats, text, target=None):
+        prompts.append(text)
+        return tokenize(self, feats, text, target)
+
+    def recorded_generate(self, items, *args, **kwargs):
+        out = generate(self, items, *args, **kwargs)
+        outputs.extend(g.text for g in out)
+        return out
+
+    monkeypatch.setattr(SpeechLLM, "tokenize", recorded_tokenize)
+    monkeypatch.setattr(SpeechLLM, "generate", recorded_generate)
+    monkeypatch.setattr(infer, "setup_logging", lambda *args: None)
+    with pytest.raises(SystemExit) as exit_status:
+        infer.main(["--exp", str(recipe / "exp" / exp), *flags, "--device", "cpu", str(wav)])
+    assert exit_status.value.code == 0
+    (line,) = [json.loads(out) for out in capsys.readouterr().out.strip().splitlines()]
+    if exp.endswith("cascade"):  # the transcript stands where the audio would
+        prompt = prompt.replace("<audio>", f'(transcript) "{line["transcript"]}"')
+    assert prompts == [prompt]
+    (output,) = outputs
+    parsed = parse_slots(output)
+    assert (line["file"], line["slots"], line["parseable"]) == (str(wav), parsed.slots, parsed.parseable)
+    assert ("reasoning" in line) == ("<thinking>" in output)
 
 
 def short_training(recipe: Path) -> str:
@@ -173,7 +239,8 @@ def test_adding_a_foundation_model_as_the_readme_says(recipe):
     for mode in ("regular", "hybrid_no_think", "hybrid_think"):
         exp = "tiny_phi3_" + mode.split("_")[0]
         scores = json.loads((recipe / "exp" / exp / f"decode_test_{mode}" / "score" / "scores.json").read_text())
-        assert scores["n_utts"] > 0 and scores["n_missing"] == 0
+        n_refs = len((recipe / "data" / "test" / "wav.scp").read_text().splitlines())
+        assert (scores["n_utts"], scores["n_missing"]) == (n_refs, 0)
 
 
 def test_stage5_names_each_run_and_keeps_the_recipe_results(tmp_path):

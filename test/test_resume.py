@@ -35,6 +35,29 @@ def fresh_trainer(tmp_path, outdir, num_workers=0):
     return Trainer(model, spec, cfg, tokenized(model, jsonl, exp / "tokens"), None, exp, base)
 
 
+def check_resumes_from(trainer: Trainer, root, name: str, steps: list[int], monkeypatch) -> None:
+    """Train ``trainer``; check that it took exactly ``steps`` (``Trainer.step`` before each) and that its first
+    step started from the trainable weights of checkpoint ``name`` (which differ from its fresh ones)."""
+    saved = torch.load(root / "exp" / "checkpoints" / name / "state.pt", weights_only=False)["trainable"]
+    fresh, at_first_step, steps_taken = trainable(trainer), {}, []
+    step = Trainer.train_step
+
+    def counted(self, group, micro):
+        if not steps_taken:
+            at_first_step.update(trainable(self))
+        steps_taken.append(self.step)
+        return step(self, group, micro)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    trainer.train()
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert steps_taken == steps
+    assert at_first_step.keys() == saved.keys() == fresh.keys()
+    assert any(not torch.equal(saved[n], fresh[n]) for n in saved)
+    for n in saved:
+        torch.testing.assert_close(at_first_step[n], saved[n], rtol=0, atol=0, msg=n)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])  # features read in the step, or by DataLoader processes
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, num_workers):
@@ -56,7 +79,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, 
     assert [p.name for p in (tmp_path / "resumed" / "exp" / "checkpoints").iterdir()] == ["step_0000004"]
 
     resumed = fresh_trainer(tmp_path, "resumed", num_workers)  # a new process: fresh model, same experiment dir
-    resumed.train()
+    # the checkpoint is loaded (not a fresh start that ends equal anyway: training is deterministic), and
+    # only the steps after it run: 9 - 4 of them
+    check_resumes_from(resumed, tmp_path / "resumed", "step_0000004", [4, 5, 6, 7, 8], monkeypatch)
     assert resumed.step == whole.step == 9
     a, b = trainable(whole), trainable(resumed)
     assert a.keys() == b.keys()
@@ -89,7 +114,7 @@ def test_a_run_stopped_for_the_time_limit_resumes_to_the_uninterrupted_weights(t
     assert not (tmp_path / "stopped" / "exp" / "model").exists()
 
     resumed = fresh_trainer(tmp_path, "stopped")
-    resumed.train()
+    check_resumes_from(resumed, tmp_path / "stopped", "step_0000006", [6, 7, 8], monkeypatch)
     a, b = trainable(whole), trainable(resumed)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)

@@ -237,16 +237,31 @@ def test_scores_are_split_by_group(tmp_path):
 def test_offline_download_says_how_to_pass_a_local_copy(tmp_path, monkeypatch):
     import speechllm.corpus.sgd as sgd
 
+    downloads = []
+
     def offline(*args, **kwargs):
+        downloads.append(args[0])
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(sgd.urllib.request, "urlopen", offline)
     with pytest.raises(InputError, match=r"cannot download the SGD release .*pass a local copy: --sgd_root"):
         sgd.main(["--sgd_root", str(tmp_path / "sgd"), "--download", "--outdir", str(tmp_path / "out")])
-    write_corpus(tmp_path / "local")  # a root that holds the corpus is used as it is, without downloading
-    sgd.main(["--sgd_root", str(tmp_path / "local"), "--download", "--outdir", str(tmp_path / "out"),
+    assert downloads == [sgd.UPSTREAM_ZIP]
+    assert not (tmp_path / "sgd").exists() and not (tmp_path / "out").exists()  # nothing half-made is left
+    # a root that holds the corpus is used as it is, without downloading: what the reader makes of it
+    local = write_corpus(tmp_path / "local")
+    corpus = {p: p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    sgd.main(["--sgd_root", str(local), "--download", "--outdir", str(tmp_path / "out"), "--num_train", "2",
               "--num_valid", "1"])
-    assert (tmp_path / "out" / "conversations.jsonl").exists()
+    assert downloads == [sgd.UPSTREAM_ZIP] and {p: p.read_bytes() for p in local.rglob("*") if p.is_file()} == corpus
+    prepare(local, tmp_path / "direct", num_train=2, num_valid=1, num_test=-1)  # main's defaults otherwise
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "direct").iterdir())
+    for name in written:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
+    # the 3 upstream train dialogues (2 for train, 1 held out for valid) and the 2 dev ones (--num_test -1)
+    splits = sorted(c["split"] for c in conversations(tmp_path / "out").values())
+    assert splits == ["dev", "dev", "train", "train", "valid"]
 
 
 def test_a_label_keeps_every_value_of_a_turn_as_a_list_and_such_turns_are_counted(tmp_path, caplog):
