@@ -132,6 +132,14 @@ def test_turns_slots_descriptions_and_groups(tmp_path, caplog):
     assert set(dev_inventory) == {"city", "cuisine", "party_size", "amount", "account_type"}
 
 
+def test_all_of_train_still_holds_out_the_validation_dialogues(tmp_path):
+    root = write_corpus(tmp_path / "sgd")
+    counts = prepare(root, tmp_path / "out", num_train=-1, num_valid=1, num_test=-1)
+    splits = [c["split"] for c in conversations(tmp_path / "out").values() if c["conv_id"].startswith("train")]
+    assert sorted(splits) == ["train", "train", "valid"]  # the three upstream training dialogues
+    assert counts["train"] + counts["valid"] == 10 and counts["valid"] > 0
+
+
 def test_domain_prefix_on_colliding_names(tmp_path):
     root = write_corpus(tmp_path / "sgd")
     prepare(root, tmp_path / "out", num_train=-1, num_valid=0, num_test=-1, prefix_collisions=True)

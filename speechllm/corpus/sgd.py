@@ -237,10 +237,14 @@ def prepare(root: Path, outdir: Path, num_train: int, num_valid: int, num_test: 
     turns = {id(d): readers[split].dialogue(path, d)
              for split, items in (("train", train_dialogues), ("dev", dev_dialogues)) for path, d in items}
     rng = Random(f"sgd-{seed}")
-    train = select_balanced(train_dialogues, num_train, rng)
-    taken = {id(d) for _, d in train}
-    rest = [item for item in train_dialogues if id(item[1]) not in taken]
-    valid = select_balanced(rest, num_valid, rng)
+    if num_train < 0:  # all of upstream train but the validation dialogues held out of it
+        valid = select_balanced(train_dialogues, num_valid, rng)
+        held = {id(d) for _, d in valid}
+        train = [item for item in train_dialogues if id(item[1]) not in held]
+    else:
+        train = select_balanced(train_dialogues, num_train, rng)
+        taken = {id(d) for _, d in train}
+        valid = select_balanced([item for item in train_dialogues if id(item[1]) not in taken], num_valid, rng)
     seen = frozenset(s for _, d in train for s in d["services"])
     unseen_dialogues, seen_dialogues = [], []
     for item in dev_dialogues:
