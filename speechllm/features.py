@@ -93,9 +93,14 @@ def read_whisper_record(dump_dir: Path) -> str | None:
     return lines[0].strip()
 
 
+def whisper_config(spec: str) -> WhisperConfig:
+    """The :class:`WhisperConfig` of a YAML file or a Whisper name / checkpoint path, without loading weights."""
+    return load_yaml_dataclass(spec, WhisperConfig) if spec.endswith((".yaml", ".yml")) else WhisperConfig(spec)
+
+
 def load_whisper_spec(spec: str, device: str = "cpu") -> tuple[Whisper, WhisperConfig]:
     """``spec`` is a YAML file describing a :class:`WhisperConfig`, or a Whisper name / checkpoint path."""
-    cfg = load_yaml_dataclass(spec, WhisperConfig) if spec.endswith((".yaml", ".yml")) else WhisperConfig(spec)
+    cfg = whisper_config(spec)
     return load_whisper(cfg, device), cfg
 
 

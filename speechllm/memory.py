@@ -190,13 +190,12 @@ def wrap(llm: nn.Module, cfg: LLMConfig, gradient_checkpointing: bool, feat_dim:
 
 
 def build(config: PretrainedConfig, cfg: LLMConfig, gradient_checkpointing: bool, feat_dim: int = 512,
-          adapter_hidden: int = 2048, stack: int = 4,
-          device: torch.device | str = "meta") -> tuple[nn.Module, FrameStackAdapter, set[int]]:
-    """:func:`wrap` of the LLM built from ``config`` on ``device``, and its :func:`quantized_weights`.
+          adapter_hidden: int = 2048, stack: int = 4) -> tuple[nn.Module, FrameStackAdapter, set[int]]:
+    """:func:`wrap` of the LLM built from ``config`` on the meta device, and its :func:`quantized_weights`.
 
     A 4-bit base is built unquantised in the compute dtype (see the module's docstring).
     """
-    with torch.device(device):
+    with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.dtype),
                                                attn_implementation=FUSED_ATTENTION)
         llm.requires_grad_(False)

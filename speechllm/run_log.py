@@ -15,10 +15,11 @@ SCALARS = {"loss": "train/loss", "ctc_loss": "train/ctc_loss", "lr": "train/lr",
 
 
 class RunLog:
-    def __init__(self, outdir: Path, world: World) -> None:
+    def __init__(self, outdir: Path, world: World, with_ctc: bool = False) -> None:
+        """``with_ctc``: training adds an auxiliary CTC loss, reported beside the LLM's."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path, self.world = outdir / "train_log.jsonl", world
+        self.path, self.world, self.with_ctc = outdir / "train_log.jsonl", world, with_ctc
         self.writer = SummaryWriter(str(outdir / "tensorboard")) if world.is_main else None
         self.loss = self.ctc_loss = 0.0
         self.steps = 0
@@ -29,8 +30,9 @@ class RunLog:
 
     def window(self) -> dict[str, float]:
         """The mean losses since the last call, over every rank (a collective: call it on every rank)."""
-        means = {"loss": self.world.sum(self.loss) / self.steps,
-                 "ctc_loss": self.world.sum(self.ctc_loss) / (self.steps * self.world.size)}
+        means = {"loss": self.world.sum(self.loss) / self.steps}
+        if self.with_ctc:
+            means["ctc_loss"] = self.world.sum(self.ctc_loss) / (self.steps * self.world.size)
         self.loss = self.ctc_loss = 0.0
         self.steps = 0
         return means

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from speechllm.align import CTCObjective, new_ctc_head, run_alignment_phase
+from speechllm.align import CTCObjective, new_ctc_head, run_alignment_phase, unique_turns
 from speechllm.budget import Budget, TimeLimit
 from speechllm.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                   set_seed)
@@ -184,7 +184,7 @@ class Trainer:
     def train(self) -> None:
         cfg, world, main = self.cfg, self.world, self.world.is_main
         self.maybe_resume()
-        run_log = RunLog(self.outdir, world)
+        run_log = RunLog(self.outdir, world, with_ctc=self.ctc is not None)
         self.budget = budget = Budget(cfg.max_minutes, world, self.train_s_before)
         curve = None
         if cfg.eval_every and main:
@@ -217,8 +217,6 @@ class Trainer:
                 # the mean loss since the last report, over every rank
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     losses = run_log.window()
-                    if self.ctc is None:
-                        del losses["ctc_loss"]
                     run_log.record({"step": self.step, "epoch": self.epoch, **losses,
                                     "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": budget.train_seconds()})
                     bar.set_postfix(loss=f"{losses['loss']:.3f}")
@@ -280,9 +278,9 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, val
     spec = ModelSpec(llm=llm_cfg_dict, feat_dim=feat_dim, adapter_hidden=cfg.adapter_hidden,
                      stack=cfg.stack, whisper=whisper, mode=mode, audio_input=audio_input)
     model = build_speechllm(spec, base_path, world.device, cfg.gradient_checkpointing)
-    if audio_input == "ctc_tokens":
-        model.ctc_head = new_ctc_head(model, cfg.align.vocab, [e.text for _, e in iter_examples(train_jsonl)])
     train = tokenized(model, train_jsonl, outdir / "tokens" / "train", world)
+    if audio_input == "ctc_tokens":
+        model.ctc_head = new_ctc_head(model, cfg.align.vocab, [e.text for e in unique_turns(train)])
     valid = None if valid_jsonl is None else \
         tokenized(model, valid_jsonl, outdir / "tokens" / "valid", world, cfg.valid_max_examples)
     trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world, stop_at, resume_flag)

@@ -101,9 +101,8 @@ def startup(args: argparse.Namespace) -> dict:
         tokens = args.workdir / f"tokens{rows}"
         shutil.rmtree(tokens, ignore_errors=True)  # time the tokenisation itself, not its reuse
         start = time.time()
-        tokenized(model, jsonl, tokens)
+        meta = tokenized(model, jsonl, tokens).meta
         tokenise_s = time.time() - start
-        meta = json.loads((tokens / "meta.json").read_text())
         proc = subprocess.run([sys.executable, "-m", "speechllm.bin.bench", "rank", "--tokens", str(tokens),
                                "--llm_config", str(args.llm_config)],
                               capture_output=True, text=True, check=True)

@@ -42,8 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from speechllm.config import load_yaml_dataclass
-from speechllm.features import (WhisperConfig, check_audio, encode_audio, load_whisper, transcribe,
+from speechllm.features import (SAMPLE_RATE, check_audio, encode_audio, load_whisper, transcribe, whisper_config,
                                 write_whisper_record)
 from speechllm.io_utils import InputError, atomic_write, read_kaldi_map
 from speechllm.jobs import job_slice
@@ -52,11 +51,6 @@ from speechllm.logging_utils import setup_logging
 log = logging.getLogger(__name__)
 
 FEATS_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def whisper_config(spec: str) -> WhisperConfig:
-    """The :class:`WhisperConfig` of a YAML file or a Whisper name / checkpoint path, without loading weights."""
-    return load_yaml_dataclass(spec, WhisperConfig) if spec.endswith((".yaml", ".yml")) else WhisperConfig(spec)
 
 
 def read_progress(path: Path) -> tuple[dict | None, list[dict]]:
@@ -235,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                 kaldiio.save_ark(ark, {key: feats}, write_function=write_function)
                 ark.flush()  # the matrix is in the ark before its record claims it
                 record["frames"] = len(feats)
-                audio_seconds += len(audio) / 16000
+                audio_seconds += len(audio) / SAMPLE_RATE
                 n_encoded += 1
             record["end"] = ark.tell()
             progress.write(json.dumps(record) + "\n")

@@ -179,6 +179,6 @@ class PromptFormatter:
 
     def fingerprint(self) -> list:
         """What tokenised data depends on: the rendering and the ids of a probe text."""
-        probe = f'Pay $1,300.50 on 2024-05-01, {{"name": "Zoë"}} <think>'
+        probe = 'Pay $1,300.50 on 2024-05-01, {"name": "Zoë"} <think>'
         return [self.render(f"{AUDIO} {probe}"), self.render(probe, audio=False),
                 self.tokenize(f"{AUDIO} {probe}", probe), len(self.tokenizer)]
