@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 
 from tqdm import tqdm
 
@@ -50,8 +51,9 @@ def decode_examples(model: SpeechLLM, examples: list[Example], batch_size: int =
                     num_beams: int = 1) -> list[dict]:
     """Generate for every example; one result dict per example, in id order.
 
-    ``truncated`` marks an output that hit ``max_new_tokens`` before EOS: it may have lost slots or
-    fail to parse because of the cap rather than the model.
+    ``stop`` says why the output ended (:mod:`speechllm.stopping`). ``truncated`` marks an output that
+    hit ``max_new_tokens`` first: it may have lost slots or fail to parse because of the cap rather
+    than the model; a ``loop`` output was ended by the loop guard.
     """
     if not examples:  # an empty share: more jobs than examples
         return []
@@ -67,15 +69,16 @@ def decode_examples(model: SpeechLLM, examples: list[Example], batch_size: int =
         chunk = order[i : i + batch_size]
         outputs.update(zip((e.id for e in chunk), _generate_batch(model, chunk, prompts, max_new_tokens, num_beams)))
     seconds = max(time.time() - start, 1e-9)
-    n_truncated = sum(g.truncated for g in outputs.values())
-    log.log(logging.WARNING if n_truncated else logging.INFO,
+    stops = Counter(g.stop for g in outputs.values())
+    log.log(logging.WARNING if stops["cap"] or stops["loop"] else logging.INFO,
             "decoded %d examples in %.1f s (%.2f utt/s, %.1f new tokens/s, batch %d), %d truncated at the cap of "
-            "%d new tokens", len(examples), seconds, len(examples) / seconds,
-            sum(g.n_tokens for g in outputs.values()) / seconds, batch_size, n_truncated, max_new_tokens)
+            "%d new tokens, %d ended by the loop guard, %d at a complete answer without EOS", len(examples), seconds,
+            len(examples) / seconds, sum(g.n_tokens for g in outputs.values()) / seconds, batch_size, stops["cap"],
+            max_new_tokens, stops["loop"], stops["answer"])
     results = []
     for e in sorted(examples, key=lambda e: e.id):
         out = outputs[e.id]
         parsed = parse_slots(out.text)
         results.append({"id": e.id, "utt_id": e.utt_id, "mode": e.mode, "output": out.text, "slots": parsed.slots,
-                        "parseable": parsed.parseable, "truncated": out.truncated})
+                        "parseable": parsed.parseable, "truncated": out.truncated, "stop": out.stop})
     return results

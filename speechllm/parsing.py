@@ -35,7 +35,7 @@ def _slot_value(value: object) -> SlotValue:
     return "None" if value is None else str(value)
 
 
-def _first_braced(text: str) -> str | None:
+def first_braced(text: str) -> str | None:
     """Return the first balanced ``{...}`` substring, honouring quoted strings."""
     start = text.find("{")
     while start != -1:
@@ -81,7 +81,7 @@ def parse_slots(text: str) -> ParsedOutput:
     """Extract the slot dict of a generation (the first ``{...}`` of :func:`response_part`, read as JSON
     or as a Python dict); unparseable output, a trace cut off before ``</thinking>`` and ``<response>``
     included, gives ``({}, parseable=False)``."""
-    body = _first_braced(response_part(text))
+    body = first_braced(response_part(text))
     if body is None:
         return ParsedOutput({}, False)
     for loader in (json.loads, ast.literal_eval):

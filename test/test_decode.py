@@ -185,16 +185,19 @@ def test_decode_job_takes_its_cap_from_the_model_dir(tiny, tmp_path, monkeypatch
     assert "truncated at the cap of 2 new tokens" in caplog.text
 
 
-def test_scores_count_truncated_outputs(tiny, tmp_path, capsys):
+def test_scores_count_truncated_and_loop_guarded_outputs(tiny, tmp_path, capsys):
     _, _, _, _, jsonl = tiny
     hyp = tmp_path / "hyp.jsonl"
-    rows = [{"id": "u0", "slots": {}, "truncated": True}, {"id": "u1", "slots": {}, "truncated": False},
+    rows = [{"id": "u0", "slots": {}, "truncated": True, "stop": "cap"}, {"id": "u1", "slots": {}, "stop": "loop"},
             {"id": "u2", "slots": {}}, {"id": "u3", "slots": {}, "truncated": True},  # u2: an older hyp file's row
-            {"id": "not_a_ref", "slots": {}, "truncated": True}]  # no reference: ignored
+            {"id": "u4", "slots": {}, "stop": "answer"},
+            {"id": "not_a_ref", "slots": {}, "truncated": True, "stop": "loop"}]  # no reference: ignored
     hyp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     score_bin.main(["--ref_jsonl", str(jsonl), "--hyp_jsonl", str(hyp), "--outdir", str(tmp_path / "score")])
-    assert json.loads((tmp_path / "score" / "scores.json").read_text())["n_truncated"] == 2
+    scores = json.loads((tmp_path / "score" / "scores.json").read_text())
+    assert (scores["n_truncated"], scores["n_loop_guarded"]) == (2, 1)
     assert "truncated: 2 outputs" in (tmp_path / "score" / "result.txt").read_text()
+    assert "loop-guarded: 1 outputs" in (tmp_path / "score" / "result.txt").read_text()
     assert "truncated: 2 outputs" in capsys.readouterr().out
     hyp.write_text("".join(json.dumps({**r, "truncated": False}) + "\n" for r in rows))
     score_bin.main(["--ref_jsonl", str(jsonl), "--hyp_jsonl", str(hyp), "--outdir", str(tmp_path / "score")])

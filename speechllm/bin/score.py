@@ -1,7 +1,7 @@
 """Stage 5: score a decode dir against the references of its stage-2 JSONL file.
 
 Writes ``scores.json`` (partial, exact, SLU-F1 and span F1, per-slot scores, counts of missing,
-unparseable and truncated outputs, and how many matched values the prompt's text also holds) and
+unparseable, truncated and loop-guarded outputs, and how many matched values the prompt's text also holds) and
 ``result.txt`` (the same as a table) into ``--outdir``. With ``--utt2group`` (e.g. SGD's seen and unseen
 services) each group is also scored on its own.
 
@@ -36,12 +36,14 @@ def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2g
     refs = {e.id: e.slots for e in examples}
     hyps: dict[str, tuple[Slots, bool]] = {}
     truncated: dict[str, bool] = {}  # cut off by decoding's cap on new tokens (older hyp files do not say)
+    looped: dict[str, bool] = {}  # ended by decoding's loop guard
     if hyp_jsonl.exists():
         for lineno, row in read_jsonl(hyp_jsonl):
             if "id" not in row or not isinstance(row.get("slots"), dict):
                 raise InputError(f"{hyp_jsonl}:{lineno}: expected keys 'id' and 'slots' (an object)")
             hyps[row["id"]] = (row["slots"], bool(row.get("parseable", True)))
             truncated[row["id"]] = bool(row.get("truncated", False))
+            looped[row["id"]] = row.get("stop") == "loop"
     else:
         log.warning("%s does not exist: every reference counts as missing", hyp_jsonl)
     unknown = set(hyps) - set(refs)
@@ -49,6 +51,7 @@ def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2g
         log.warning("%d hypotheses have no reference and are ignored (first: %s)", len(unknown), min(unknown))
     result = score_corpus(refs, hyps)
     result["n_truncated"] = sum(truncated.get(i, False) for i in refs)
+    result["n_loop_guarded"] = sum(looped.get(i, False) for i in refs)
     result["matches_in_prompt"] = matches_in_prompt(refs, hyps, {e.id: e.prompt for e in examples})
     if result["n_missing"]:
         log.warning("%d of %d utterances have no hypothesis: their slots count as false negatives",
@@ -56,6 +59,9 @@ def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2g
     if result["n_truncated"]:
         log.warning("%d of %d outputs hit decoding's cap on new tokens: they may have lost slots",
                     result["n_truncated"], result["n_utts"])
+    if result["n_loop_guarded"]:
+        log.warning("%d of %d outputs were ended by decoding's loop guard (a repeated n-gram)",
+                    result["n_loop_guarded"], result["n_utts"])
     if utt2group is not None:
         groups = read_kaldi_map(utt2group)
         ungrouped = sorted(e.utt_id for e in examples if e.utt_id not in groups)
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     if result["n_truncated"]:
         table += (f"truncated: {result['n_truncated']} outputs hit decoding's cap on new tokens "
                   "(raise --max_new_tokens of stage 4)\n")
+    if result["n_loop_guarded"]:
+        table += f"loop-guarded: {result['n_loop_guarded']} outputs repeated themselves and were ended early\n"
     with atomic_write(args.outdir / "result.txt") as f:
         f.write(table)
     print(table, end="")

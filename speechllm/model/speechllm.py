@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import StoppingCriteriaList
 
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead
 from speechllm.model.llm import PromptFormatter
+from speechllm.stopping import RowStops
 
 IGNORE_INDEX = -100
 
@@ -33,11 +35,17 @@ class ModelInput:
 
 @dataclass(frozen=True)
 class Generation:
-    """One generated response; ``truncated`` tells an answer the token cap cut off from one that ended."""
+    """One generated response and why it stopped (:data:`speechllm.stopping.STOPS`): ``cap`` tells an
+    answer the token cap cut off from one that ended."""
 
     text: str
     n_tokens: int  # new tokens, EOS included
-    truncated: bool  # reached ``max_new_tokens`` without EOS
+    stop: str
+
+    @property
+    def truncated(self) -> bool:
+        """Reached ``max_new_tokens`` before the answer was complete."""
+        return self.stop == "cap"
 
 
 class SpeechLLM(nn.Module):
@@ -127,17 +135,28 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, items: list[ModelInput], max_new_tokens: int = 256, num_beams: int = 1) -> list[Generation]:
-        """Greedy (or beam) responses, each with whether ``max_new_tokens`` cut it off before EOS."""
+        """Greedy (or beam) responses, each with why it stopped.
+
+        Greedy rows stop one by one (:class:`~speechllm.stopping.RowStops`: EOS, a complete answer, a
+        loop); beam search stops at EOS or the cap only.
+        """
         batch = self.build_batch(items)
         eos = self.tokenizer.eos_token_id
+        stops = RowStops(self.tokenizer, len(items)) if num_beams == 1 else None
         # given only inputs_embeds, generate returns the new tokens alone; finished rows are padded
         out = self.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
                                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos)
+                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
+                                stopping_criteria=StoppingCriteriaList([stops] if stops else []))
+        rows = out.tolist()
+        if stops is not None:
+            ends, reasons = stops.lengths, stops.reasons()
+        else:  # the first EOS ends the response, even when padding is EOS too
+            ends = [row.index(eos) + 1 if eos in row else len(row) for row in rows]
+            reasons = ["eos" if eos in row else "cap" for row in rows]
         generations = []
-        for row in out.tolist():
-            ended = eos in row  # the first EOS ends the response, even when padding is EOS too
-            response = row[: row.index(eos)] if ended else row
+        for row, end, reason in zip(rows, ends, reasons):
+            response = row[: end - 1] if reason == "eos" else row[:end]
             text = self.tokenizer.decode(response, skip_special_tokens=True).strip()
-            generations.append(Generation(text, len(response) + ended, truncated=not ended))
+            generations.append(Generation(text, end, reason))
         return generations
