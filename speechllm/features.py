@@ -1,4 +1,4 @@
-"""The frozen Whisper encoder (stage 1): true-length encoder outputs and ASR hypotheses.
+"""The frozen Whisper encoder (stage 1): true-length encoder outputs (the ASR hypotheses are :mod:`speechllm.asr`'s).
 
 Whisper's ``AudioEncoder.forward`` insists on 30 s of input. Running its layers on the turn's true
 length (slicing the positional embedding) gives the same frames for the speech part at a fraction of
@@ -134,16 +134,6 @@ def encode_audio(model: Whisper, audio: np.ndarray, pad_30s: bool = False) -> np
     for block in encoder.blocks:
         x = block(x)
     return encoder.ln_post(x)[0].float().cpu().numpy()
-
-
-@torch.no_grad()
-def transcribe(model: Whisper, audio: np.ndarray, max_tokens: int | None = None) -> str:
-    """Greedy English transcript of one turn (<= 30 s)."""
-    device = next(model.parameters()).device
-    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(audio), model.dims.n_mels).to(device)
-    options = whisper.DecodingOptions(language="en", without_timestamps=True,
-                                      fp16=device.type == "cuda", sample_len=max_tokens)
-    return " ".join(whisper.decode(model, mel, options).text.split())
 
 
 def check_audio(path: str | Path) -> tuple[np.ndarray | None, str | None]:

@@ -28,6 +28,7 @@ from speechllm.data import load_feats
 WHISPER = RECIPE / "conf" / "whisper" / "tiny_random.yaml"
 SKIPPED = {"utt03x": "empty", "utt20x": "unreadable"}  # sorted among the good turns: one early, one late
 N_KEYS = 30 + len(SKIPPED)
+CHUNK = ["--asr_chunk", "4"]  # keys per ASR call: a resumed job keeps whole chunks
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def dump(data_dir: Path, outdir: Path, *flags: str, whisper: Path = WHISPER) -> 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dump_feats, "setup_logging", lambda: None)
         dump_feats.main(["--data_dir", str(data_dir), "--outdir", str(outdir), "--whisper", str(whisper),
-                         "--device", "cpu", *flags])
+                         "--device", "cpu", *CHUNK, *flags])
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_killed_job_resumes_where_it_stopped(data_dir, reference, tmp_path, monk
     progress, partial = outdir / "progress.1.jsonl", outdir / "feats.1.ark.partial"
     with open(tmp_path / "killed.log", "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "speechllm.bin.dump_feats", "--data_dir", str(data_dir),
-                                 "--outdir", str(outdir), "--whisper", str(WHISPER), "--device", "cpu"],
+                                 "--outdir", str(outdir), "--whisper", str(WHISPER), "--device", "cpu", *CHUNK],
                                 cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while not progress.exists() or complete_records(progress) < 8:
@@ -153,10 +154,11 @@ def test_killed_job_resumes_where_it_stopped(data_dir, reference, tmp_path, monk
     caplog.set_level(logging.INFO)
     calls = count_encodes(monkeypatch, outdir)
     dump(data_dir, outdir)
-    assert f"job 1/1: resuming, {done} of {N_KEYS} keys already done" in caplog.text
-    todo = [line.split(" ")[0] for line in (data_dir / "wav.scp").read_text().splitlines()][done:]
-    assert len(calls) == len([key for key in todo if key not in SKIPPED])  # finished keys were not re-encoded
-    assert re.findall(rf"(\d+)/{N_KEYS}", capsys.readouterr().err)[0] == str(done)  # the bar starts at them
+    kept = done // 4 * 4
+    assert f"job 1/1: resuming, {done} of {N_KEYS} keys already done ({kept} kept: whole chunks of 4)" in caplog.text
+    todo = [line.split(" ")[0] for line in (data_dir / "wav.scp").read_text().splitlines()][kept:]
+    assert len(calls) == len([key for key in todo if key not in SKIPPED])  # finished chunks were not re-encoded
+    assert re.findall(rf"(\d+)/{N_KEYS}", capsys.readouterr().err)[0] == str(kept)  # the bar starts at them
     assert_same_dump(outdir, reference["float32"])
 
 
@@ -218,7 +220,7 @@ def test_completed_job_is_kept_unless_its_settings_changed(data_dir, reference, 
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in outdir.iterdir()} == before
 
     with monkeypatch.context() as mp:
-        count_encodes(mp, outdir, die_after=3)
+        count_encodes(mp, outdir, die_after=5)
         with pytest.raises(Killed):
             dump(data_dir, outdir, "--feats_dtype", "float16")
     assert "job 1/1: redoing the completed job: " in caplog.text and "feats_dtype 'float32' -> 'float16'" in caplog.text
@@ -226,8 +228,9 @@ def test_completed_job_is_kept_unless_its_settings_changed(data_dir, reference, 
 
     calls = count_encodes(monkeypatch, outdir)
     dump(data_dir, outdir, "--feats_dtype", "float16")
-    assert "job 1/1: resuming, 3 of 32 keys already done" in caplog.text
-    assert len(calls) == N_KEYS - len(SKIPPED) - 3
+    # utt00-03, utt03x (empty) and utt04 were done; the first chunk (utt00-03) is kept
+    assert "job 1/1: resuming, 6 of 32 keys already done (4 kept: whole chunks of 4)" in caplog.text
+    assert len(calls) == N_KEYS - len(SKIPPED) - 4
     assert_same_dump(outdir, reference["float16"])
 
     for name in ("text_asr.1", "whisper.1"):  # a completed job missing a list gets it back from its records

@@ -13,7 +13,7 @@ from whisper.normalizers import EnglishTextNormalizer
 
 from conftest import RECIPE
 from speechllm.config import load_yaml
-from speechllm.features import transcribe
+from speechllm.asr import transcribe, transcribe_turns
 from speechllm.pretrained import ct2_to_whisper, llm_dir, read_ct2, whisper_checkpoint
 
 
@@ -125,11 +125,16 @@ def test_converted_whisper_transcribes_espeak_speech(name):
     model = whisper.load_model(str(whisper_checkpoint(name)), device="cpu")
     normalize = EnglishTextNormalizer()
     refs = [normalize(s) for s in SENTENCES]
-    hyps = [normalize(transcribe(model, synthesize(s, "en-us+m3", 160, 50))) for s in SENTENCES]
+    audios = [synthesize(s, "en-us+m3", 160, 50) for s in SENTENCES]
+    hyps = [normalize(transcribe(model, audio)) for audio in audios]
     import jiwer
 
     wer = jiwer.wer(refs, hyps)
     assert wer <= 0.10, list(zip(refs, hyps))
+    # the same turns sharing one 30-s window, split by Whisper's timestamps
+    packed, fallbacks = transcribe_turns(model, audios)
+    assert fallbacks < len(SENTENCES) // 2
+    assert jiwer.wer(refs, [normalize(h) for h in packed]) <= 0.10, list(zip(refs, packed))
 
 
 @pytest.mark.slow

@@ -1,5 +1,9 @@
 """Stage 1, one job: frozen Whisper encoder outputs to ark/scp and Whisper ASR hypotheses.
 
+The job goes through its keys in chunks of ``--asr_chunk``: the chunk's turns are transcribed in one
+batched call, several short turns sharing a 30-s Whisper window (:mod:`speechllm.asr`), then each
+turn's true-length encoder output is written with its hypothesis.
+
 Job ``J`` of ``N`` takes the J-th contiguous chunk of the sorted ``wav.scp``; the recipe merges the
 per-job ``feats.J.scp``, ``text_asr.J``, ``utt2num_frames.J`` and ``skipped.J`` files, and takes
 ``whisper.J`` (the Whisper name, or the absolute path of a checkpoint or YAML file) as the set's
@@ -10,8 +14,9 @@ A job can be killed at any moment and rerun (same ``--outdir``, ``--job``, ``--n
 the keys it finished. Each finished key's matrix is appended to ``feats.J.ark.partial`` and flushed,
 then one JSON line is appended to ``progress.J.jsonl`` (wav path, scp offset, byte end of the
 matrix, frame count, ASR text; or the skip reason), whose first line holds the settings the outputs
-depend on (Whisper spec and config, ``asr``, ``feats_dtype``). A rerun keeps the records that are a
-prefix of the job's keys with unchanged wav paths, drops an unfinished last line, truncates the ark
+depend on (Whisper spec and config, the ASR settings, ``feats_dtype``). A rerun keeps the records that
+are a prefix of the job's keys with unchanged wav paths, in whole chunks (a chunk's windows are then
+those of an uninterrupted run), drops an unfinished last line, truncates the ark
 where the last kept matrix ends and continues, so every output is byte-for-byte that of an
 uninterrupted run. Other settings, a changed or rewritten wav (path, size, modification time) or a
 changed key list restart the job from scratch with a warning: features of different runs are never
@@ -42,7 +47,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from speechllm.features import (SAMPLE_RATE, check_audio, encode_audio, load_whisper, transcribe, whisper_config,
+from speechllm.asr import Packing, transcribe_turns
+from speechllm.features import (SAMPLE_RATE, check_audio, encode_audio, load_whisper, whisper_config,
                                 write_whisper_record)
 from speechllm.io_utils import InputError, atomic_write, read_kaldi_map
 from speechllm.jobs import job_slice
@@ -118,7 +124,7 @@ class JobFiles:
 
 
 def records_to_keep(files: JobFiles, settings: dict, keys: list[str], wav_scp: dict[str, str],
-                    job_name: str) -> list[dict] | None:
+                    job_name: str, chunk: int) -> list[dict] | None:
     """The records of an earlier run to continue from (logged), or ``None`` when the job is already complete."""
     complete = files.ark.exists() and not files.partial.exists()
     records, reason = reusable_records(files.progress, files.ark if complete else files.partial, settings, keys,
@@ -141,7 +147,10 @@ def records_to_keep(files: JobFiles, settings: dict, keys: list[str], wav_scp: d
     if reason is not None:
         log.warning("%s: restarting from scratch: %s", job_name, reason)
     elif records:
-        log.info("%s: resuming, %d of %d keys already done", job_name, len(records), len(keys))
+        whole = len(records) // chunk * chunk  # the chunk in progress is redone whole: the same ASR windows
+        log.info("%s: resuming, %d of %d keys already done (%d kept: whole chunks of %d)", job_name, len(records),
+                 len(keys), whole, chunk)
+        records = records[:whole]
     return records
 
 
@@ -184,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nj", type=int, default=1)
     parser.add_argument("--asr", type=lambda s: s.lower() == "true", default=True,
                         help="also write Whisper ASR hypotheses (true/false)")
+    parser.add_argument("--asr_pack", type=lambda s: s.lower() == "true", default=True,
+                        help="ASR of several short turns per 30-s Whisper window (true/false); false: one window each")
+    parser.add_argument("--asr_chunk", type=int, default=32,
+                        help="turns per batched ASR call (packed in order); a killed job resumes at a multiple of it")
     parser.add_argument("--feats_dtype", choices=sorted(FEATS_DTYPES), default="float32",
                         help="stored precision of the features (float16: half the disk)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -196,14 +209,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = whisper_config(args.whisper)
     # Greedy ASR decodes in float16 on a GPU, so its transcripts depend on the device (the features
     # differ by rounding only).
-    settings = {"whisper": args.whisper, "asr": args.asr, "feats_dtype": args.feats_dtype,
+    settings = {"whisper": args.whisper, "asr": args.asr, "asr_pack": args.asr and args.asr_pack,
+                "asr_chunk": args.asr_chunk,
+                "feats_dtype": args.feats_dtype,
                 "whisper_config": asdict(cfg),
                 "asr_device": torch.device(args.device).type if args.asr else None}
     settings = json.loads(json.dumps(settings))  # as an earlier run's settings read back from JSON
     job_name = f"job {args.job}/{args.nj}"
     args.outdir.mkdir(parents=True, exist_ok=True)
     files = JobFiles(args.outdir, args.job)
-    records = records_to_keep(files, settings, keys, wav_scp, job_name)
+    records = records_to_keep(files, settings, keys, wav_scp, job_name, args.asr_chunk)
     if records is None:
         return
     end = start_from(files, settings, records)
@@ -211,36 +226,50 @@ def main(argv: list[str] | None = None) -> None:
     model = load_whisper(cfg, args.device)
     dtype = FEATS_DTYPES[args.feats_dtype]
     write_function = "numpy" if dtype == np.float16 else None  # Kaldi binary matrices are float32/64 only
-    audio_seconds, n_encoded, start = 0.0, 0, time.time()
-    with open(files.partial, "r+b") as ark, open(files.progress, "a", encoding="utf-8") as progress:
+    packing = Packing() if args.asr_pack else None
+    audio_seconds, n_encoded, n_fallback, start = 0.0, 0, 0, time.time()
+    with open(files.partial, "r+b") as ark, open(files.progress, "a", encoding="utf-8") as progress, \
+            tqdm(desc=f"dump {job_name}", unit="utt", initial=len(records), total=len(keys)) as bar:
         ark.seek(end)
-        for key in tqdm(keys[len(records):], desc=f"dump {job_name}", unit="utt", initial=len(records),
-                        total=len(keys)):
-            record = {"key": key, "wav": wav_scp[key], "wav_stamp": wav_stamp(wav_scp[key])}
-            audio, reason = check_audio(wav_scp[key])
-            if audio is None:
-                log.warning("skipping %s (%s): %s", key, wav_scp[key], reason)
-                record["skipped"] = reason
-            else:
-                feats = encode_audio(model, audio, cfg.pad_30s).astype(dtype)
-                if args.asr:
-                    record["text"] = transcribe(model, audio, cfg.asr_max_tokens)
-                record["offset"] = ark.tell() + len(f"{key} ".encode())  # the matrix follows "key "
-                kaldiio.save_ark(ark, {key: feats}, write_function=write_function)
-                ark.flush()  # the matrix is in the ark before its record claims it
-                record["frames"] = len(feats)
-                audio_seconds += len(audio) / SAMPLE_RATE
-                n_encoded += 1
-            record["end"] = ark.tell()
-            progress.write(json.dumps(record) + "\n")
-            progress.flush()
-            records.append(record)
+        for first in range(len(records), len(keys), args.asr_chunk):
+            chunk = keys[first : first + args.asr_chunk]
+            audios = dict(zip(chunk, (check_audio(wav_scp[key]) for key in chunk)))
+            usable = [key for key in chunk if audios[key][0] is not None]
+            texts: dict[str, str] = {}
+            if args.asr:
+                hyps, fallbacks = transcribe_turns(model, [audios[key][0] for key in usable], packing,
+                                                   cfg.asr_max_tokens)
+                texts, n_fallback = dict(zip(usable, hyps)), n_fallback + fallbacks
+            for key in chunk:
+                record = {"key": key, "wav": wav_scp[key], "wav_stamp": wav_stamp(wav_scp[key])}
+                audio, reason = audios[key]
+                if audio is None:
+                    log.warning("skipping %s (%s): %s", key, wav_scp[key], reason)
+                    record["skipped"] = reason
+                else:
+                    feats = encode_audio(model, audio, cfg.pad_30s).astype(dtype)
+                    if args.asr:
+                        record["text"] = texts[key]
+                    record["offset"] = ark.tell() + len(f"{key} ".encode())  # the matrix follows "key "
+                    kaldiio.save_ark(ark, {key: feats}, write_function=write_function)
+                    ark.flush()  # the matrix is in the ark before its record claims it
+                    record["frames"] = len(feats)
+                    audio_seconds += len(audio) / SAMPLE_RATE
+                    n_encoded += 1
+                record["end"] = ark.tell()
+                progress.write(json.dumps(record) + "\n")
+                progress.flush()
+                records.append(record)
+            bar.update(len(chunk))
     write_outputs(files, records, args.whisper)
     n_skipped = sum("skipped" in r for r in records)
     elapsed = time.time() - start
     log.info("%s: %d utterances encoded (%d in this run), %d skipped, %.1f s audio in %.1f s (RTF %.3f)",
              job_name, len(records) - n_skipped, n_encoded, n_skipped, audio_seconds, elapsed,
              elapsed / max(audio_seconds, 1e-9))
+    if packing is not None:
+        log.info("%s: ASR of %d turns in shared windows, %d of them in a window of their own (fallback)",
+                 job_name, n_encoded, n_fallback)
 
 
 if __name__ == "__main__":

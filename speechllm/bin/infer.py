@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from speechllm import prompts
-from speechllm.features import check_audio, encode_audio, load_whisper_spec, transcribe
+from speechllm.asr import transcribe
+from speechllm.features import check_audio, encode_audio, load_whisper_spec
 from speechllm.io_utils import InputError
 from speechllm.logging_utils import setup_logging
 from speechllm.model.builder import SPEC_FILE, load_model, read_spec

@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-from speechllm.features import MAX_SECONDS, SAMPLE_RATE, load_whisper_spec, read_audio, transcribe
+from speechllm.asr import transcribe
+from speechllm.features import MAX_SECONDS, SAMPLE_RATE, load_whisper_spec, read_audio
 from speechllm.logging_utils import setup_logging
 
 log = logging.getLogger(__name__)
