@@ -329,3 +329,41 @@ def test_grid_keeps_its_tag_and_finds_runs_by_their_identity(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len((recipe / "run_calls.txt").read_text().splitlines()) == 2  # nothing trained again
     assert "grid: tiny_llama hybrid lr1e-3 already scored in exp/run2 " in proc.stdout + proc.stderr
+
+
+BENCH_KEYS = {
+    "machine": ["device", "threads", "cpus", "cpu_model", "torch", "dtype", "matmul_gflops"],
+    "stage1": ["whisper", "n_utts", "audio_s", "encoder_true_length", "encoder_30s", "shared_frames", "asr_per_turn",
+               "asr_packed", "wer_change"],
+    "training": ["tokens_per_s", "examples_per_s", "padding_efficiency", "flops_per_token", "achieved_gflops",
+                 "roofline_fraction", "mean_tokens_per_example", "steps", "batch_size", "seconds"],
+    "decoding": ["n_utts", "max_new_tokens", "batch_1", "batched", "speedup", "identical_outputs", "identical_share"],
+    "memory": ["lora", "qlora"],
+    "startup": ["sizes"],
+}
+
+
+@pytest.mark.slow
+def test_bench_on_the_mini_preset_writes_every_key(recipe):
+    """local/bench.sh measures every section on the recipe's own data and trained model; no speed is
+    asserted, only that each number is there and agrees with what was measured."""
+    proc = subprocess.run(["local/bench.sh", "--preset", "mini", "--utts", "4", "--train_steps", "2",
+                           "--startup_rows", "300"], cwd=recipe, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    bench = json.loads((recipe / "exp" / "bench" / "bench.json").read_text())
+    for section, keys in BENCH_KEYS.items():
+        assert [k for k in keys if bench[section].get(k) is None] == [], section
+    assert bench["machine"]["matmul_gflops"] > 0
+    assert bench["stage1"]["n_utts"] == 4 and bench["stage1"]["audio_s"] > 0
+    for path in ("encoder_true_length", "encoder_30s", "asr_per_turn", "asr_packed"):
+        assert set(bench["stage1"][path]) >= {"s_per_utt", "rtf"}, path
+    assert {"wer", "fallbacks"} <= set(bench["stage1"]["asr_packed"])
+    assert 0 < bench["training"]["padding_efficiency"] <= 1 and bench["training"]["steps"] == 2
+    decoding = bench["decoding"]
+    assert decoding["n_utts"] == 4 and decoding["identical_outputs"] <= 4
+    assert [sum(decoding[b]["stops"].values()) for b in ("batch_1", "batched")] == [4, 4]
+    for variant in ("lora", "qlora"):
+        assert bench["memory"][variant].get("peak_rss_mb", 0) > 0, bench["memory"][variant]
+    assert [s["rows"] for s in bench["startup"]["sizes"]] == [300]
+    table = (recipe / "exp" / "bench" / "bench.md").read_text()
+    assert "| training: padding efficiency | >= 0.9 |" in table and "| decoding, batch 8 |" in table

@@ -1,13 +1,22 @@
-"""Benchmarks whose numbers the docs quote; each writes its results under a key of ``bench.json``.
+"""speechllm-bench: the performance numbers of a recipe, measured in one run on its own data and configs.
 
-``startup``: what stage 3 costs before its first step at the paper's scale, without audio. A
-stage-2 file of ``--rows`` text-only rows shaped like hybrid-mode rows (a prompt with context, a
-direct or a reasoning answer) is generated; it is tokenised once (rank 0's one-time cost), then a
-fresh process per size measures what every rank pays: opening the memory-mapped set, the Trainer
-(lengths, optimizer), the epoch's batch plan, and the first batch from the DataLoader, in seconds
-and in resident memory on top of the loaded model (all of it, and the process's own part).
+    speechllm-bench --whisper base --wav_scp data/test/wav.scp --text data/test/text \\
+        --exp_dir exp/smollm2_135m_reasoning --test_jsonl dump/test/reasoning.jsonl --outdir exp/bench
 
-    python -m speechllm.bin.bench startup --rows 100000 1000000 --workdir /tmp/bench
+(a recipe's ``local/bench.sh`` fills these in). Sections, each a key of ``<outdir>/bench.json``:
+
+- ``machine``: the CPU/GPU, and matmul GFLOP/s in the training dtype, measured now (the roofline);
+- ``stage1``: encoder s/utt and RTF at true length and with 30-s padding, their outputs compared on
+  the shared frames; ASR s/utt, RTF and WER with one window per turn and with packed windows;
+- ``training``: stage 3's step on the experiment's tokenised training set: tokens/s, examples/s,
+  padding efficiency, FLOPs per token from the model's shapes, the fraction of the roofline;
+- ``decoding``: utt/s at batch 1 and at ``--batch_size`` with the trained model, identical outputs;
+- ``memory``: peak memory of training with LoRA and with QLoRA (RSS on CPU, allocated on GPU);
+- ``startup``: stage 3's start-up on generated text-only sets of ``--startup_rows`` rows.
+
+``<outdir>/bench.md`` is the table the docs link to, with each goal marked met or not. ``--sections``
+runs some; the others keep their earlier results in ``bench.json``. No number here is a test
+threshold: the tests only check that every key is written.
 """
 
 from __future__ import annotations
@@ -15,129 +24,182 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import random
-import resource
-import shutil
 import subprocess
 import sys
-import time
-from datetime import date
+from datetime import datetime
 from pathlib import Path
 
-from speechllm.config import load_yaml
+import torch
+
+from speechllm.config import load_yaml_dataclass
+from speechllm.io_utils import atomic_write
 from speechllm.logging_utils import setup_logging
+from speechllm.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-WORDS = ("card payment limit account balance thirty dollars monthly statement Maria Garcia please raise "
-         "the my to for on a twenty five hundred thousand new address street number phone yes no "
-         "thank you can I help with anything else date March fourth").split()
+SECTIONS = ("machine", "stage1", "training", "decoding", "memory", "startup")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (label, section, key path, goal, compare): the goals the table marks
+GOALS = [
+    ("decoding: batched utt/s over batch 1", "decoding", ("speedup",), 3.0, "min"),
+    ("decoding: identical outputs (share)", "decoding", ("identical_share",), 1.0, "min"),
+    ("training: fraction of the roofline", "training", ("roofline_fraction",), 0.6, "min"),
+    ("training: padding efficiency", "training", ("padding_efficiency",), 0.9, "min"),
+    ("stage 1: packed ASR WER minus per-turn WER", "stage1", ("wer_change",), 0.0, "max"),
+]
 
 
-def generate_rows(path: Path, rows: int, seed: int = 0) -> None:
-    """Text-only stage-2 rows: half direct answers, half reasoning traces (hybrid mode's two kinds)."""
-    rng = random.Random(seed)
-    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(rows):
-            slots = {f"slot_{k}": words(rng.randint(1, 3)) for k in range(rng.randint(0, 3))}
-            answer = json.dumps(slots)
-            think = i % 2 == 1
-            target = f"<think>{words(rng.randint(40, 120))}</think>{answer}" if think else answer
-            prompt = (f"Previous turns: {words(rng.randint(10, 80))}\nCurrent turn: {words(rng.randint(5, 40))}\n"
-                      f"Find all slot values. Format the output as JSON. {'/think' if think else '/no_think'}")
-            f.write(json.dumps({"id": f"r{i:08d}", "utt_id": f"u{i // 2:08d}", "feats": None, "prompt": prompt,
-                                "target": target, "slots": slots, "mode": "hybrid", "n_frames": 0}) + "\n")
+def git_commit() -> str:
+    """The code's commit, ``+changes`` when the tracked files differ from it (as stage 5 records it)."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
+    return commit + ("+changes" if dirty else "")
 
 
-def load_text_model(llm_config: Path):
-    """The speech LLM without an adapter (text-only rows), as stage 3 builds it."""
-    from speechllm.model.builder import ModelSpec, build_speechllm
+def run_section(name: str, args: argparse.Namespace, roofline: float | None) -> dict:
+    """One section's measurements (imports are per section: each pulls in its own libraries)."""
+    if name == "machine":
+        from speechllm.bench.machine import describe, matmul_gflops
 
-    return build_speechllm(ModelSpec(llm=load_yaml(llm_config), feat_dim=0))
+        return {**describe(args.device), "dtype": args.dtype,
+                "matmul_gflops": round(matmul_gflops(DTYPES[args.dtype], args.device), 1)}
+    if name == "stage1":
+        from speechllm.bench.stage1 import measure_stage1
 
+        result = measure_stage1(args.whisper, args.wav_scp, args.text, args.utts, args.device)
+        if "wer" in result["asr_packed"]:
+            result["wer_change"] = round(result["asr_packed"]["wer"] - result["asr_per_turn"]["wer"], 4)
+        return result
+    if name == "decoding":
+        from speechllm.bench.decoding import measure_decoding
 
-def rss_mb() -> tuple[float, float]:
-    """This process's resident memory now, and the part of it that is its own (not file pages such as the
-    memory-mapped tokens, which every rank of a node shares through the page cache); Linux only."""
-    with open("/proc/self/statm", encoding="ascii") as f:
-        resident, shared = (int(v) * resource.getpagesize() / 2**20 for v in f.read().split()[1:3])
-    return resident, resident - shared
+        result = measure_decoding(args.exp_dir / "model", args.test_jsonl, args.mode, args.utts, args.batch_size,
+                                  args.device)
+        return {**result, "identical_share": round(result["identical_outputs"] / result["n_utts"], 3)}
+    from speechllm.model.builder import build_speechllm, read_spec
 
+    spec = read_spec(args.exp_dir / "model") if args.exp_dir else None
+    base = args.exp_dir / "model" / spec.base_llm if spec and spec.base_llm else None  # a tiny LLM's weights
+    if name == "startup":
+        from speechllm.bench.startup import measure_startup
 
-def rank_startup(tokens: Path, llm_config: Path) -> dict:
-    """What one rank pays before its first step (run in a fresh process). Every rank plans the same
-    global batches and takes its share, so one process without a process group measures it."""
+        return measure_startup(args.startup_rows, args.outdir / "startup", args.llm_config, base)
+    from speechllm.bench.training import measure_training, peak_memory
     from speechllm.data import TokenizedSet
-    from speechllm.model.builder import ModelSpec
-    from speechllm.train import Trainer
-    from speechllm.train_config import TrainConfig
 
-    model = load_text_model(llm_config)
-    before = rss_mb()
-    start = time.time()
-    cfg = TrainConfig(batch_size=4, effective_batch=128, num_workers=2)
-    trainer = Trainer(model, ModelSpec(llm={}, feat_dim=0), cfg, TokenizedSet(tokens), None, tokens.parent)
-    batches = trainer.epoch_batches()
-    inputs, _ = next(iter(trainer.loader(batches, 0)))
-    after = rss_mb()
-    return {"rank_startup_s": round(time.time() - start, 2), "rank_rss_mb": round(after[0] - before[0], 1),
-            "rank_private_mb": round(after[1] - before[1], 1),
-            "first_batch_rows": len(inputs), "batches_per_epoch": len(batches)}
+    cfg = load_yaml_dataclass(args.exp_dir / "train.yaml", TrainConfig)
+    tokens = TokenizedSet(args.exp_dir / "tokens" / "train")
+    if name == "memory":
+        return peak_memory(spec, tokens, base, cfg.batch_size, 2, args.device, cfg)
+    model = build_speechllm(spec, base, args.device, cfg.gradient_checkpointing)
+    return measure_training(model, tokens, cfg.batch_size, args.train_steps, roofline, cfg)
 
 
-def startup(args: argparse.Namespace) -> dict:
-    from speechllm.data import tokenized
+def _lookup(result: dict, path: tuple[str, ...]):
+    for key in path:
+        result = result.get(key) if isinstance(result, dict) else None
+    return result
 
-    model = load_text_model(args.llm_config)
-    results = []
-    for rows in args.rows:
-        jsonl = args.workdir / f"rows{rows}.jsonl"
-        if not jsonl.exists():
-            log.info("generating %d rows in %s", rows, jsonl)
-            generate_rows(jsonl, rows)
-        tokens = args.workdir / f"tokens{rows}"
-        shutil.rmtree(tokens, ignore_errors=True)  # time the tokenisation itself, not its reuse
-        start = time.time()
-        meta = tokenized(model, jsonl, tokens).meta
-        tokenise_s = time.time() - start
-        proc = subprocess.run([sys.executable, "-m", "speechllm.bin.bench", "rank", "--tokens", str(tokens),
-                               "--llm_config", str(args.llm_config)],
-                              capture_output=True, text=True, check=True)
-        rank = json.loads(proc.stdout.strip().splitlines()[-1])
-        disk = sum(f.stat().st_size for f in tokens.iterdir())
-        results.append({"rows": rows, "tokens": meta["tokens"], "tokenise_once_s": round(tokenise_s, 1),
-                        "tokenised_disk_mb": round(disk / 2**20, 1), **rank})
-        log.info("%d rows: %s", rows, results[-1])
-    return {"what": "stage 3 before its first step: tokenising once (rank 0), then per rank", "date": str(date.today()),
-            "llm_config": str(args.llm_config), "machine": platform.machine(),
-            "cpus": len(os.sched_getaffinity(0)), "sizes": results}
+
+def _num(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return "-" if value is None else str(value)
+
+
+def table(bench: dict) -> str:
+    """bench.md: the measured rows, then each goal met or not."""
+    rows = []
+    machine = bench.get("machine", {})
+    rows.append(("machine", f"{machine.get('cpu_model') or machine.get('gpu')}, {machine.get('threads')} threads, "
+                            f"matmul {_num(machine.get('matmul_gflops'))} GFLOP/s ({machine.get('dtype')})"))
+    s1 = bench.get("stage1", {})
+    for label, key in (("encoder, true length", "encoder_true_length"), ("encoder, 30-s padded", "encoder_30s"),
+                       ("ASR, one window per turn", "asr_per_turn"), ("ASR, packed windows", "asr_packed")):
+        part = s1.get(key, {})
+        extra = "".join(f", {k} {_num(part[k])}" for k in ("wer", "fallbacks") if k in part)
+        rows.append((f"stage 1: {label}", f"{_num(part.get('s_per_utt'))} s/utt, RTF {_num(part.get('rtf'))}{extra}"))
+    if "shared_frames" in s1:
+        rows.append(("stage 1: true length vs padded, shared frames",
+                     f"max abs diff {_num(s1['shared_frames']['max_abs_diff'])}, "
+                     f"mean cosine {_num(s1['shared_frames']['mean_cosine'])}"))
+    tr = bench.get("training", {})
+    rows.append(("training", f"{_num(tr.get('tokens_per_s'))} tokens/s, {_num(tr.get('examples_per_s'))} examples/s, "
+                             f"padding efficiency {_num(tr.get('padding_efficiency'))}, "
+                             f"{_num(tr.get('flops_per_token'))} FLOPs/token, "
+                             f"{_num(tr.get('roofline_fraction'))} of the roofline "
+                             f"({_num(tr.get('roofline_fraction_with_lm_head'))} with the LM head's flops)"))
+    dec = bench.get("decoding", {})
+    for key in ("batch_1", "batched"):
+        part = dec.get(key, {})
+        rows.append((f"decoding, batch {part.get('batch_size')}",
+                     f"{_num(part.get('utt_per_s'))} utt/s, stops {part.get('stops')}"))
+    if dec:
+        rows.append(("decoding: identical outputs", f"{dec.get('identical_outputs')} of {dec.get('n_utts')}"))
+    for variant, part in bench.get("memory", {}).items():
+        value = part.get("error") or ", ".join(f"{k} {_num(v)}" for k, v in part.items() if k.endswith("_mb"))
+        rows.append((f"training peak memory, {variant}", value))
+    for size in bench.get("startup", {}).get("sizes", []):
+        rows.append((f"stage 3 start-up, {size['rows']:,} rows",
+                     f"tokenise once {_num(size['tokenise_once_s'])} s, per rank {_num(size['rank_startup_s'])} s "
+                     f"and {_num(size['rank_private_mb'])} MB of its own"))
+    lines = [f"# speechllm-bench ({bench.get('date')}, commit {bench.get('commit')})", "",
+             f"`{bench.get('command')}`", "", "| what | measured |", "|---|---|"]
+    lines += [f"| {what} | {value} |" for what, value in rows]
+    lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
+    for label, section, path, goal, compare in GOALS:
+        value = _lookup(bench.get(section, {}), path)
+        met = "-" if value is None else ("yes" if (value >= goal if compare == "min" else value <= goal) else "no")
+        lines.append(f"| {label} | {'>=' if compare == 'min' else '<='} {goal} | {_num(value)} | {met} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="bench", required=True)
-    p = sub.add_parser("startup", help="training start-up at up to a million rows")
-    p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--workdir", type=Path, required=True, help="where the generated rows and tokens go")
-    p.add_argument("--llm_config", type=Path, default=Path("egs/callcenter/sf1/conf/llm/smollm2_135m.yaml"))
-    p.add_argument("--output", type=Path, default=Path("bench.json"))
-    r = sub.add_parser("rank", help="(internal) one rank's start-up, in a fresh process")
-    r.add_argument("--tokens", type=Path, required=True)
-    r.add_argument("--llm_config", type=Path, required=True)
+    parser.add_argument("--outdir", type=Path, default=Path("exp/bench"), help="bench.json and bench.md go here")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--whisper", default="base", help="stage 1's Whisper (name, checkpoint or YAML)")
+    parser.add_argument("--wav_scp", type=Path, help="stage 1's turns (data/<set>/wav.scp)")
+    parser.add_argument("--text", type=Path, help="their reference transcripts, for the WER (data/<set>/text)")
+    parser.add_argument("--exp_dir", type=Path, help="a trained experiment: its model, train.yaml and tokens")
+    parser.add_argument("--test_jsonl", type=Path, help="stage-2 rows to decode (dump/<set>/<mode>.jsonl)")
+    parser.add_argument("--mode", help="only rows of this mode of --test_jsonl (a hybrid file holds two)")
+    parser.add_argument("--llm_config", type=Path, help="the LLM config of the start-up section")
+    parser.add_argument("--utts", type=int, default=16, help="turns of stage 1 and examples of decoding")
+    parser.add_argument("--batch_size", type=int, default=8, help="decoding's batch")
+    parser.add_argument("--train_steps", type=int, default=8, help="timed optimizer steps")
+    parser.add_argument("--startup_rows", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the training dtype (roofline)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    setup_logging(logging.WARNING if args.bench == "rank" else logging.INFO)
-    if args.bench == "rank":
-        print(json.dumps(rank_startup(args.tokens, args.llm_config)))
-        return
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    result = startup(args)
-    data = json.loads(args.output.read_text()) if args.output.exists() else {}
-    data[args.bench] = result
-    args.output.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    log.info("wrote %s[%r]", args.output, args.bench)
+    setup_logging()
+    needs = {"stage1": ("wav_scp",), "training": ("exp_dir",), "memory": ("exp_dir",),
+             "decoding": ("exp_dir", "test_jsonl"), "startup": ("llm_config",)}
+    for section in args.sections:
+        missing = [f"--{flag}" for flag in needs.get(section, ()) if getattr(args, flag) is None]
+        if missing:
+            parser.error(f"section {section} needs {' and '.join(missing)}")
+    output = args.outdir / "bench.json"
+    bench = json.loads(output.read_text(encoding="utf-8")) if output.exists() else {}
+    bench.update(date=datetime.now().isoformat(timespec="seconds"), commit=git_commit(),
+                 command=" ".join(["speechllm-bench", *(argv if argv is not None else sys.argv[1:])]))
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    for section in args.sections:
+        log.info("measuring %s", section)
+        roofline = bench.get("machine", {}).get("matmul_gflops")
+        bench[section] = run_section(section, args, roofline)
+        with atomic_write(output) as f:  # each section as soon as it is measured
+            f.write(json.dumps(bench, indent=1) + "\n")
+    with atomic_write(args.outdir / "bench.md") as f:
+        f.write(table(bench))
+    log.info("wrote %s and %s", output, args.outdir / "bench.md")
 
 
 if __name__ == "__main__":

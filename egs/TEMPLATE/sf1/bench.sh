@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# speechllm-bench on this recipe's data, configs and trained models: exp/bench/bench.json and bench.md.
+#
+#   local/bench.sh [--preset mini] [--llm smollm2_135m] [--mode reasoning] [--set test] [--utts 16]
+#
+# Stages 0-3 must have run for the LLM and mode (the decoding and training sections use the trained
+# experiment, its tokenised training set and its train.yaml). The preset gives the Whisper and the LLM,
+# as for run.sh; flags given explicitly win.
+set -euo pipefail
+. utils/log.sh
+
+preset=""
+whisper=base
+llm=smollm2_135m
+mode=reasoning       # the experiment to measure (exp/<llm>_<mode><tag>); reasoning is the longest to decode
+tag=""
+set=test             # stage 1's turns (data/<set>) and decoding's rows (dump/<set>/<mode>.jsonl)
+utts=16              # turns of stage 1, examples of decoding
+batch_size=8         # decoding's batch
+train_steps=8
+startup_rows=100000  # generated rows of the start-up section (several: "1000 100000")
+sections="machine stage1 training decoding memory startup"
+outdir=exp/bench
+help_message="Usage: $0 [--option value ...]. Options and their defaults:
+$(sed -n '/^preset=/,/^outdir=/p' "$0")"
+
+args=("$@")  # a preset is applied first so that explicit flags override it
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --preset) preset=${args[$((i + 1))]:-} ;;
+    --preset=*) preset=${args[$i]#--preset=} ;;
+  esac
+done
+if [ -n "${preset}" ]; then
+  [ -f "conf/preset/${preset}.sh" ] || { log "Error: unknown preset '${preset}'"; exit 1; }
+  . "conf/preset/${preset}.sh"
+fi
+. utils/parse_options.sh
+. ./path.sh
+
+exp_dir=exp/${llm}_${mode}${tag:+_${tag}}
+python -m speechllm.bin.modes "${mode}" > /dev/null  # checks --mode
+row_mode=${mode}
+[ "${mode}" != hybrid ] || row_mode=hybrid_think  # a hybrid model is measured on its /think rows
+log "speechllm-bench of ${exp_dir} on ${set} -> ${outdir}"
+# shellcheck disable=SC2086
+python -m speechllm.bin.bench --outdir "${outdir}" --sections ${sections} --whisper "${whisper}" \
+  --wav_scp "data/${set}/wav.scp" --text "data/${set}/text" --exp_dir "${exp_dir}" --test_jsonl "dump/${set}/${mode}.jsonl" \
+  --mode "${row_mode}" --llm_config "conf/llm/${llm}.yaml" --utts "${utts}" --batch_size "${batch_size}" \
+  --train_steps "${train_steps}" --startup_rows ${startup_rows}

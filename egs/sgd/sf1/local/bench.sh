@@ -1,0 +1,1 @@
+../../../TEMPLATE/sf1/bench.sh
