@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from speechllm import asr
 from speechllm.asr import Packing, assign, pack, segments, transcribe_turns
@@ -23,20 +22,21 @@ def test_pack_fills_windows_in_order():
 
 def test_segments_read_timestamp_pairs():
     tokens = [TS + 0, 1, 2, TS + 50, TS + 100, 3, TS + 150]
-    assert segments(tokens, TS) == ([(0.0, 1.0, [1, 2]), (2.0, 3.0, [3])], True)
-    assert segments(tokens + [TS + 160, 4], TS) == ([(0.0, 1.0, [1, 2]), (2.0, 3.0, [3])], False)
+    assert segments(tokens, TS) == ([(0.0, 1.0, [1, 2]), (2.0, 3.0, [3])], False)
+    assert segments(tokens + [TS + 160], TS) == ([(0.0, 1.0, [1, 2]), (2.0, 3.0, [3])], False)  # a lone timestamp
+    assert segments(tokens + [TS + 160, 4], TS) == ([(0.0, 1.0, [1, 2]), (2.0, 3.0, [3])], True)  # text left open
 
 
 def test_assign_gives_each_segment_to_its_turn_and_flags_the_unclear_ones():
     spans = [(0.0, 3.0), (4.0, 6.0), (7.0, 9.0)]
     # segment 1 reaches 0.3 s into turn 1 (within tolerance); turn 2 gets two segments
     segs = [(0.0, 4.3, [1]), (4.2, 5.0, [2]), (5.0, 6.0, [3]), (7.0, 9.0, [4])]
-    assert assign(spans, segs, True, 0.4) == ([[1], [2, 3], [4]], set())
-    # a segment across turns 0 and 1: both are unsure; turn 2 has no segment
-    texts, unsure = assign(spans, [(1.0, 5.5, [1])], True, 0.4)
-    assert unsure == {0, 1, 2}
-    # cut off at 6.5 s: turn 2 (ends at 9 s) is unsure even with text
-    assert assign(spans, [(0.0, 3.0, [1]), (4.0, 6.0, [2]), (7.0, 8.0, [3])], False, 0.4)[1] == {2}
+    assert assign(spans, segs, False, 0.4) == ([[1], [2, 3], [4]], set())
+    # a segment across turns 0 and 1: both are unsure; turn 2 has no segment; a segment in a gap is dropped
+    texts, unsure = assign(spans, [(1.0, 5.5, [1]), (6.1, 6.9, [5])], False, 0.4)
+    assert unsure == {0, 1, 2} and 5 not in sum(texts, [])
+    # cut off after 8 s: turn 2 (ends at 9 s) is unsure even with text
+    assert assign(spans, [(0.0, 3.0, [1]), (4.0, 6.0, [2]), (7.0, 8.0, [3])], True, 0.4)[1] == {2}
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +68,24 @@ def test_packed_windows_are_split_by_their_timestamps(tiny_whisper, monkeypatch)
     assert calls == [(1, [9.5], True), (1, [1.5], False)]  # 2+1+3+1+1.5+1 s in one window
 
 
-def test_real_decodes_of_a_random_whisper_give_a_text_per_turn(tiny_whisper):
-    """The unmocked path: the batched encoder and decoder run, every turn gets a string; without packing the
-    hypotheses are each turn's own window's (the same as one at a time)."""
-    torch.manual_seed(0)
+def test_real_decodes_of_a_random_whisper_give_a_text_per_turn(tiny_whisper, monkeypatch):
+    """The unmocked decoder: a shared window with timestamps and a cap of (8 + 2) tokens per turn, then the
+    turns it could not place in their own windows, each with the hypothesis it gets alone; without packing,
+    every turn is its own window's."""
     rng = np.random.default_rng(1)
     audios = [rng.standard_normal(int(s * 16000)).astype(np.float32) * 0.1 for s in (1.0, 2.0)]
-    packed, fallbacks = transcribe_turns(tiny_whisper, audios, max_tokens=8)
-    assert len(packed) == 2 and all(isinstance(h, str) for h in packed) and 0 <= fallbacks <= 2
     alone, none = transcribe_turns(tiny_whisper, audios, None, max_tokens=8)
     assert none == 0
     assert alone == [transcribe_turns(tiny_whisper, [a], None, max_tokens=8)[0][0] for a in audios]
+    calls, real = [], asr._decode
+
+    def spy(model, windows, timestamps, sample_len):
+        calls.append((len(windows), timestamps, sample_len))
+        return real(model, windows, timestamps, sample_len)
+
+    monkeypatch.setattr(asr, "_decode", spy)
+    packed, fallbacks = transcribe_turns(tiny_whisper, audios, max_tokens=8)
+    assert calls[0] == (1, True, 20)
+    assert calls[1:] == ([(fallbacks, False, 8)] if fallbacks else [])
+    assert all(h == a for h, a in zip(packed, alone) if fallbacks == 2)
+    assert len(packed) == 2 and all(isinstance(h, str) for h in packed)

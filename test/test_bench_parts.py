@@ -59,9 +59,17 @@ def test_flops_per_token_is_four_times_the_decoder_linears(tiny):
     assert flops_per_token(qlora.llm) == expected
 
 
-def test_measure_training_counts_real_tokens_of_real_steps(tiny):
+@pytest.fixture
+def one_thread():
+    """A tiny step with two threads, one of them on a busy core, takes seconds not ms; later tests get theirs back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_measure_training_counts_real_tokens_of_real_steps(tiny, one_thread):
     model, _, _, train = tiny
-    torch.set_num_threads(1)  # a tiny step with two threads, one of them on a busy core, takes seconds not ms
     lengths = np.sort(train.lengths(4))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     # 8 rows in batches of 4: two warm-up steps are epoch 0, the two timed ones all of epoch 1

@@ -203,3 +203,31 @@ def test_scores_count_truncated_and_loop_guarded_outputs(tiny, tmp_path, capsys)
     score_bin.main(["--ref_jsonl", str(jsonl), "--hyp_jsonl", str(hyp), "--outdir", str(tmp_path / "score")])
     assert json.loads((tmp_path / "score" / "scores.json").read_text())["n_truncated"] == 0
     assert "truncated" not in (tmp_path / "score" / "result.txt").read_text()
+
+
+def test_a_row_stopped_early_keeps_exactly_its_tokens(tiny, monkeypatch):
+    """Rows stopped by the answer rule or the loop guard keep the tokens up to their stop (the stopping token
+    included), a row at EOS drops the EOS, and the others run to the cap; every row's tokens are the ones
+    it generates alone and unstopped."""
+    from speechllm.stopping import RowStops
+
+    model, _, _, examples, _ = tiny
+    items = [_item(model, e) for e in examples[:4]]
+    free = []
+    for item in items:  # each row alone, never stopped before 6 tokens
+        batch = model.build_batch([item])
+        free.append(model.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                                       max_new_tokens=6, min_new_tokens=6, do_sample=False)[0].tolist())
+    plan = {0: (3, "answer"), 1: (2, "loop"), 2: (4, "eos")}  # row: (step, reason); row 3 runs to the cap
+
+    def planned(self, row):
+        step, reason = plan.get(row, (None, None))
+        return reason if len(self.ids[row]) == step else None
+
+    monkeypatch.setattr(RowStops, "_reason", planned)
+    generations = model.generate(items, max_new_tokens=6)
+    assert [g.stop for g in generations] == ["answer", "loop", "eos", "cap"]
+    assert [g.n_tokens for g in generations] == [3, 2, 4, 6]
+    kept = [free[0][:3], free[1][:2], free[2][:3], free[3]]  # the EOS (here: the 4th token) is not text
+    assert [g.text for g in generations] == [model.tokenizer.decode(k, skip_special_tokens=True).strip() for k in kept]
+    assert [g.truncated for g in generations] == [False, False, False, True]

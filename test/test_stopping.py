@@ -15,6 +15,9 @@ from speechllm.stopping import LOOP_NGRAM, RowStops, answer_complete
     ('{"a": {"b": "c"}', False),
     ("<thinking>\nthe labels are {a}\n</thinking>\n<response>\n{}", False),  # a trace quoting a dict
     ("<thinking>\n...\n</thinking>\n<response>\n{}\n</response>", True),
+    ("<thinking>\n...\n</thinking>\n<response>\n{}", False),  # a response is complete at </response>
+    ('<thinking>\n...\n</thinking>\n{"a": "b"}', True),  # no <response>: parse_slots reads what follows
+    ("ok <thinking>\nquoting {a}", False),  # a trace that does not open the output is still a trace
     ("no answer yet", False),
 ])
 def test_answer_complete(text, complete):
@@ -70,3 +73,16 @@ def test_a_long_trace_with_repeated_phrases_is_not_a_loop():
     stops = RowStops(tok, 1)
     run(stops, [tok.encode(answer)])
     assert stops.reasons() == ["answer"] and stops.lengths == [len(answer)]
+
+
+def test_a_value_quoted_three_times_in_a_trace_is_not_a_loop():
+    """A reasoning trace quotes a long value (an address, a spelled number) in the transcript, the mentions and
+    the assignment: the same n-gram three times, but not back to back."""
+    tok = CharTokenizer()
+    value = "221 Baker Street, Springfield"  # longer than the n-gram at one token per character
+    assert len(value) > LOOP_NGRAM
+    trace = (f'<thinking>\nI hear "{value} please".\nThe mentions are "{value}".\n"{value}" is the '
+             f'address.\n</thinking>\n<response>\n{{"address": "{value}"}}\n</response>')
+    stops = RowStops(tok, 1)
+    run(stops, [tok.encode(trace)])
+    assert stops.reasons() == ["answer"] and stops.lengths == [len(trace)]

@@ -15,7 +15,9 @@
 - ``startup``: stage 3's start-up on generated text-only sets of ``--startup_rows`` rows.
 
 ``<outdir>/bench.md`` is the table the docs link to, with each goal marked met or not. ``--sections``
-runs some; the others keep their earlier results in ``bench.json``. No number here is a test
+runs some; the others keep their earlier results in ``bench.json`` (each section records when and at
+which commit it was measured). ``--dtype`` is the dtype of the roofline's matmuls; the model's own is
+its config's. No number here is a test
 threshold: the tests only check that every key is written.
 """
 
@@ -118,7 +120,7 @@ def table(bench: dict) -> str:
     """bench.md: the measured rows, then each goal met or not."""
     rows = []
     machine = bench.get("machine", {})
-    rows.append(("machine", f"{machine.get('cpu_model') or machine.get('gpu')}, {machine.get('threads')} threads, "
+    rows.append(("machine", f"{machine.get('gpu') or machine.get('cpu_model')}, {machine.get('threads')} threads, "
                             f"matmul {_num(machine.get('matmul_gflops'))} GFLOP/s ({machine.get('dtype')})"))
     s1 = bench.get("stage1", {})
     for label, key in (("encoder, true length", "encoder_true_length"), ("encoder, 30-s padded", "encoder_30s"),
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     for section in args.sections:
         log.info("measuring %s", section)
         roofline = bench.get("machine", {}).get("matmul_gflops")
-        bench[section] = run_section(section, args, roofline)
+        bench[section] = {**run_section(section, args, roofline), "measured": bench["date"], "commit": bench["commit"]}
         with atomic_write(output) as f:  # each section as soon as it is measured
             f.write(json.dumps(bench, indent=1) + "\n")
     with atomic_write(args.outdir / "bench.md") as f:

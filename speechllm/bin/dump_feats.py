@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="stored precision of the features (float16: half the disk)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.asr_chunk < 1:
+        parser.error(f"--asr_chunk must be at least 1, got {args.asr_chunk}")
     setup_logging()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
@@ -209,8 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = whisper_config(args.whisper)
     # Greedy ASR decodes in float16 on a GPU, so its transcripts depend on the device (the features
     # differ by rounding only).
+    chunk = args.asr_chunk if args.asr else 1  # without ASR each turn is done on its own
     settings = {"whisper": args.whisper, "asr": args.asr, "asr_pack": args.asr and args.asr_pack,
-                "asr_chunk": args.asr_chunk,
+                "asr_chunk": chunk if args.asr else None,
                 "feats_dtype": args.feats_dtype,
                 "whisper_config": asdict(cfg),
                 "asr_device": torch.device(args.device).type if args.asr else None}
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     job_name = f"job {args.job}/{args.nj}"
     args.outdir.mkdir(parents=True, exist_ok=True)
     files = JobFiles(args.outdir, args.job)
-    records = records_to_keep(files, settings, keys, wav_scp, job_name, args.asr_chunk)
+    records = records_to_keep(files, settings, keys, wav_scp, job_name, chunk)
     if records is None:
         return
     end = start_from(files, settings, records)
@@ -226,21 +229,21 @@ def main(argv: list[str] | None = None) -> None:
     model = load_whisper(cfg, args.device)
     dtype = FEATS_DTYPES[args.feats_dtype]
     write_function = "numpy" if dtype == np.float16 else None  # Kaldi binary matrices are float32/64 only
-    packing = Packing() if args.asr_pack else None
+    packing = Packing() if args.asr and args.asr_pack else None
     audio_seconds, n_encoded, n_fallback, start = 0.0, 0, 0, time.time()
     with open(files.partial, "r+b") as ark, open(files.progress, "a", encoding="utf-8") as progress, \
             tqdm(desc=f"dump {job_name}", unit="utt", initial=len(records), total=len(keys)) as bar:
         ark.seek(end)
-        for first in range(len(records), len(keys), args.asr_chunk):
-            chunk = keys[first : first + args.asr_chunk]
-            audios = dict(zip(chunk, (check_audio(wav_scp[key]) for key in chunk)))
-            usable = [key for key in chunk if audios[key][0] is not None]
+        for first in range(len(records), len(keys), chunk):
+            todo = keys[first : first + chunk]
+            audios = dict(zip(todo, (check_audio(wav_scp[key]) for key in todo)))
+            usable = [key for key in todo if audios[key][0] is not None]
             texts: dict[str, str] = {}
             if args.asr:
                 hyps, fallbacks = transcribe_turns(model, [audios[key][0] for key in usable], packing,
                                                    cfg.asr_max_tokens)
                 texts, n_fallback = dict(zip(usable, hyps)), n_fallback + fallbacks
-            for key in chunk:
+            for key in todo:
                 record = {"key": key, "wav": wav_scp[key], "wav_stamp": wav_stamp(wav_scp[key])}
                 audio, reason = audios[key]
                 if audio is None:
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                 progress.write(json.dumps(record) + "\n")
                 progress.flush()
                 records.append(record)
-            bar.update(len(chunk))
+            bar.update(len(todo))
     write_outputs(files, records, args.whisper)
     n_skipped = sum("skipped" in r for r in records)
     elapsed = time.time() - start

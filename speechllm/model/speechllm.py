@@ -147,7 +147,7 @@ class SpeechLLM(nn.Module):
         out = self.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
                                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
-                                stopping_criteria=StoppingCriteriaList([stops] if stops else []))
+                                stopping_criteria=StoppingCriteriaList([] if stops is None else [stops]))
         rows = out.tolist()
         if stops is not None:
             ends, reasons = stops.lengths, stops.reasons()

@@ -25,6 +25,7 @@ local_data_opts=""   # passed to local/data.sh
 whisper=base         # Whisper size name, checkpoint path, or conf/whisper/*.yaml (recorded in dump/<set>/whisper)
 asr=true             # also decode Whisper ASR hypotheses (context and the cascade)
 asr_pack=true        # several short turns per 30-s Whisper window for the ASR (false: one window each)
+asr_chunk=32         # turns per batched ASR call (on a GPU: the batch of windows)
 feats_dtype=float32  # float32 | float16 (half the disk; read back unchanged)
 # Stage 2
 context_source=asr   # asr | reference
@@ -121,8 +122,8 @@ stage1() {
     local split=dump/${dset}/split${nj}  # a job run again skips the turns it has (see dump_feats.py)
     ${feats_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
       python -m speechllm.bin.dump_feats --data_dir "data/${dset}" --outdir "${split}" \
-      --whisper "${whisper}" --asr "${asr}" --asr_pack "${asr_pack}" --feats_dtype "${feats_dtype}" \
-      --job JOB --nj "${nj}"
+      --whisper "${whisper}" --asr "${asr}" --asr_pack "${asr_pack}" --asr_chunk "${asr_chunk}" \
+      --feats_dtype "${feats_dtype}" --job JOB --nj "${nj}"
     # every job's file by name: a missing one fails the stage
     cat $(for j in $(seq 1 "${nj}"); do echo "${split}/feats.${j}.scp"; done) | sort > "dump/${dset}/feats.scp.tmp"
     mv "dump/${dset}/feats.scp.tmp" "dump/${dset}/feats.scp"
