@@ -352,7 +352,7 @@ def test_bench_on_the_mini_preset_writes_every_key(recipe):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     bench = json.loads((recipe / "exp" / "bench" / "bench.json").read_text())
     for section, keys in BENCH_KEYS.items():
-        assert [k for k in [*keys, "measured", "commit"] if bench[section].get(k) is None] == [], section
+        assert [k for k in [*keys, "measured", "commit", "command"] if bench[section].get(k) is None] == [], section
     assert bench["machine"]["matmul_gflops"] > 0
     assert bench["stage1"]["n_utts"] == 4 and bench["stage1"]["audio_s"] > 0
     for path in ("encoder_true_length", "encoder_30s", "asr_per_turn", "asr_packed"):

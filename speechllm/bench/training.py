@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import resource
 import subprocess
 import sys
 import time
@@ -177,11 +176,14 @@ def peak_memory(spec: ModelSpec, train: TokenizedSet, base_path: str | Path | No
 
 
 def high_water_mb(device: torch.device) -> tuple[str, float]:
-    """This process's memory high-water mark so far, and its name: CUDA memory allocated by torch, or
-    resident memory on CPU (``ru_maxrss`` is in KiB on Linux)."""
+    """This process's memory high-water mark so far, and its name: CUDA memory allocated by torch, or the
+    resident memory's high-water mark on CPU (``VmHWM``: unlike ``ru_maxrss``, which Linux carries across
+    ``execve``, it starts with this process's own image, not its parent's at the fork)."""
     if device.type == "cuda":
         return "max_memory_allocated_mb", torch.cuda.max_memory_allocated(device) / 2**20
-    return "peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status", encoding="ascii") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return "peak_rss_mb", kib / 1024
 
 
 def peak_of_job(job: dict) -> dict:

@@ -145,15 +145,23 @@ def table(bench: dict) -> str:
                      f"{_num(part.get('utt_per_s'))} utt/s, stops {part.get('stops')}"))
     if dec:
         rows.append(("decoding: identical outputs", f"{dec.get('identical_outputs')} of {dec.get('n_utts')}"))
-    for variant, part in bench.get("memory", {}).items():
+    for variant in ("lora", "qlora"):
+        part = bench.get("memory", {}).get(variant, {})
         value = part.get("error") or ", ".join(f"{k} {_num(v)}" for k, v in part.items() if k.endswith("_mb"))
         rows.append((f"training peak memory, {variant}", value))
     for size in bench.get("startup", {}).get("sizes", []):
         rows.append((f"stage 3 start-up, {size['rows']:,} rows",
                      f"tokenise once {_num(size['tokenise_once_s'])} s, per rank {_num(size['rank_startup_s'])} s "
                      f"and {_num(size['rank_private_mb'])} MB of its own"))
-    lines = [f"# speechllm-bench ({bench.get('date')}, commit {bench.get('commit')})", "",
-             f"`{bench.get('command')}`", "", "| what | measured |", "|---|---|"]
+    runs: dict[tuple, list[str]] = {}  # the runs that measured the sections: command, date, commit
+    for section in SECTIONS:
+        if section in bench:
+            part = bench[section]
+            runs.setdefault((part.get("command"), part.get("measured"), part.get("commit")), []).append(section)
+    lines = ["# speechllm-bench", ""]
+    lines += [f"- {', '.join(sections)}: `{command}` ({when}, commit {commit})"
+              for (command, when, commit), sections in runs.items()]
+    lines += ["", "| what | measured |", "|---|---|"]
     lines += [f"| {what} | {value} |" for what, value in rows]
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for label, section, path, goal, compare in GOALS:
@@ -196,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     for section in args.sections:
         log.info("measuring %s", section)
         roofline = bench.get("machine", {}).get("matmul_gflops")
-        bench[section] = {**run_section(section, args, roofline), "measured": bench["date"], "commit": bench["commit"]}
+        bench[section] = {**run_section(section, args, roofline), "measured": bench["date"], "commit": bench["commit"],
+                          "command": bench["command"]}
         with atomic_write(output) as f:  # each section as soon as it is measured
             f.write(json.dumps(bench, indent=1) + "\n")
     with atomic_write(args.outdir / "bench.md") as f:
