@@ -24,17 +24,7 @@ outdir=exp/bench
 help_message="Usage: $0 [--option value ...]. Options and their defaults:
 $(sed -n '/^preset=/,/^outdir=/p' "$0")"
 
-args=("$@")  # a preset is applied first so that explicit flags override it
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[$i]}" in
-    --preset) preset=${args[$((i + 1))]:-} ;;
-    --preset=*) preset=${args[$i]#--preset=} ;;
-  esac
-done
-if [ -n "${preset}" ]; then
-  [ -f "conf/preset/${preset}.sh" ] || { log "Error: unknown preset '${preset}'"; exit 1; }
-  . "conf/preset/${preset}.sh"
-fi
+. utils/apply_preset.sh "$@"  # before the flags, which override it
 . utils/parse_options.sh
 . ./path.sh
 

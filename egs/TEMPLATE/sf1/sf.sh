@@ -56,21 +56,8 @@ results_md=exp/RESULTS.md  # stage 5's tables, <name>_f1.png beside (the recipe'
 help_message="Usage: $0 [--option value ...]. Options and their defaults:
 $(sed -n '/^# General$/,/^results_md=/p' "${BASH_SOURCE[0]}" | grep -E '^([a-z_]+=|# )')"
 
-# A preset is applied first so that explicit flags override it.
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[$i]}" in
-    --preset) preset=${args[$((i + 1))]:-} ;;
-    --preset=*) preset=${args[$i]#--preset=} ;;
-  esac
-done
-if [ -n "${preset}" ]; then
-  if [ ! -f "conf/preset/${preset}.sh" ]; then
-    log "Error: unknown preset '${preset}'. Available: $(ls conf/preset | sed -n 's/\.sh$//p' | tr '\n' ' ')"
-    exit 1
-  fi
-  . "conf/preset/${preset}.sh"
-fi
+args=("$@")  # recorded as the command of each stage
+. utils/apply_preset.sh "$@"
 . utils/parse_options.sh
 . ./path.sh
 . ./cmd.sh
