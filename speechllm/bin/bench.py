@@ -8,7 +8,7 @@
 - ``machine``: the CPU/GPU, and matmul GFLOP/s in the training dtype, measured now (the roofline);
 - ``stage1``: encoder s/utt and RTF at true length and with 30-s padding, their outputs compared on
   the shared frames; ASR s/utt, RTF and WER with one window per turn and with packed windows;
-- ``training``: stage 3's step on the experiment's tokenised training set: tokens/s, examples/s,
+- ``training``: stage 3's step on the experiment's training rows and ``train.yaml``: tokens/s, examples/s,
   padding efficiency, FLOPs per token from the model's shapes, the fraction of the roofline;
 - ``decoding``: utt/s at batch 1 and at ``--batch_size`` with the trained model, identical outputs;
 - ``memory``: peak memory of training with LoRA and with QLoRA (RSS on CPU, allocated on GPU);
@@ -94,13 +94,16 @@ def run_section(name: str, args: argparse.Namespace, roofline: float | None) -> 
 
         return measure_startup(args.startup_rows, args.outdir / "startup", args.llm_config, base)
     from speechllm.bench.training import measure_training, peak_memory
-    from speechllm.data import TokenizedSet
+    from speechllm.data import tokenized
 
     cfg = load_yaml_dataclass(args.exp_dir / "train.yaml", TrainConfig)
-    tokens = TokenizedSet(args.exp_dir / "tokens" / "train")
+    model = build_speechllm(spec, base, args.device, cfg.gradient_checkpointing)
+    # the experiment's training rows, tokenised for the bench under --outdir: stage 3's own tokens go
+    # stale when stage 2 is rerun, and the bench does not write into the experiment
+    source = json.loads((args.exp_dir / "tokens" / "train" / "meta.json").read_text(encoding="utf-8"))["source"]
+    tokens = tokenized(model, Path(source), args.outdir / "tokens")
     if name == "memory":
         return peak_memory(spec, tokens, base, cfg.batch_size, 2, args.device, cfg)
-    model = build_speechllm(spec, base, args.device, cfg.gradient_checkpointing)
     return measure_training(model, tokens, cfg.batch_size, args.train_steps, roofline, cfg)
 
 
