@@ -87,5 +87,6 @@ def test_real_decodes_of_a_random_whisper_give_a_text_per_turn(tiny_whisper, mon
     packed, fallbacks = transcribe_turns(tiny_whisper, audios, max_tokens=8)
     assert calls[0] == (1, True, 20)
     assert calls[1:] == ([(fallbacks, False, 8)] if fallbacks else [])
-    assert all(h == a for h, a in zip(packed, alone) if fallbacks == 2)
+    if fallbacks == 2:  # both turns decoded alone: their own windows' hypotheses
+        assert packed == alone
     assert len(packed) == 2 and all(isinstance(h, str) for h in packed)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -36,33 +35,21 @@ import torch
 from speechllm.config import load_yaml_dataclass
 from speechllm.io_utils import atomic_write
 from speechllm.logging_utils import setup_logging
+from speechllm.provenance import code_commit
 from speechllm.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("machine", "stage1", "training", "decoding", "memory", "startup")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# (label, section, key path, goal, compare): the goals the table marks
+# (label, section, key, goal, compare): the goals the table marks
 GOALS = [
-    ("decoding: batched utt/s over batch 1", "decoding", ("speedup",), 3.0, "min"),
-    ("decoding: identical outputs (share)", "decoding", ("identical_share",), 1.0, "min"),
-    ("training: fraction of the roofline", "training", ("roofline_fraction",), 0.6, "min"),
-    ("training: padding efficiency", "training", ("padding_efficiency",), 0.9, "min"),
-    ("stage 1: packed ASR WER minus per-turn WER", "stage1", ("wer_change",), 0.0, "max"),
+    ("decoding: batched utt/s over batch 1", "decoding", "speedup", 3.0, "min"),
+    ("decoding: identical outputs (share)", "decoding", "identical_share", 1.0, "min"),
+    ("training: fraction of the roofline", "training", "roofline_fraction", 0.6, "min"),
+    ("training: padding efficiency", "training", "padding_efficiency", 0.9, "min"),
+    ("stage 1: packed ASR WER minus per-turn WER", "stage1", "wer_change", 0.0, "max"),
 ]
-
-
-def git_commit() -> str:
-    """The code's commit, ``+changes`` when the tracked files differ from it (as stage 5 records it)."""
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "-"
-    return commit + ("+changes" if dirty else "")
 
 
 def run_section(name: str, args: argparse.Namespace, roofline: float | None) -> dict:
@@ -105,12 +92,6 @@ def run_section(name: str, args: argparse.Namespace, roofline: float | None) -> 
     if name == "memory":
         return peak_memory(spec, tokens, base, cfg.batch_size, 2, args.device, cfg)
     return measure_training(model, tokens, cfg.batch_size, args.train_steps, roofline, cfg)
-
-
-def _lookup(result: dict, path: tuple[str, ...]):
-    for key in path:
-        result = result.get(key) if isinstance(result, dict) else None
-    return result
 
 
 def _num(value) -> str:
@@ -167,8 +148,8 @@ def table(bench: dict) -> str:
     lines += ["", "| what | measured |", "|---|---|"]
     lines += [f"| {what} | {value} |" for what, value in rows]
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
-    for label, section, path, goal, compare in GOALS:
-        value = _lookup(bench.get(section, {}), path)
+    for label, section, key, goal, compare in GOALS:
+        value = bench.get(section, {}).get(key)
         met = "-" if value is None else ("yes" if (value >= goal if compare == "min" else value <= goal) else "no")
         lines.append(f"| {label} | {'>=' if compare == 'min' else '<='} {goal} | {_num(value)} | {met} |")
     return "\n".join(lines) + "\n"
@@ -201,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"section {section} needs {' and '.join(missing)}")
     output = args.outdir / "bench.json"
     bench = json.loads(output.read_text(encoding="utf-8")) if output.exists() else {}
-    bench.update(date=datetime.now().isoformat(timespec="seconds"), commit=git_commit(),
+    bench.update(date=datetime.now().isoformat(timespec="seconds"), commit=code_commit(),
                  command=" ".join(["speechllm-bench", *(argv if argv is not None else sys.argv[1:])]))
     args.outdir.mkdir(parents=True, exist_ok=True)
     for section in args.sections:

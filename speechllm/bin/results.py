@@ -28,6 +28,7 @@ from speechllm.formatting import DECODES, HYBRID, MODES, decode_mode
 from speechllm.io_utils import InputError, atomic_write
 from speechllm.logging_utils import setup_logging
 from speechllm.plots import plot_f1
+from speechllm.provenance import code_commit
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +110,8 @@ def collect(runs: list[tuple[Path, dict, dict]]) -> Table:
 def environment() -> list[str]:
     """Where stage 5 ran: the code's commit and the versions and hardware that its numbers depend on."""
     import platform
-    import subprocess
     from importlib.metadata import PackageNotFoundError, version
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += " with uncommitted changes"
     packages = []
     for name in ("torch", "transformers", "peft", "openai-whisper"):
         try:
@@ -128,7 +121,7 @@ def environment() -> list[str]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return [f"- commit: {commit}", f"- Python {platform.python_version()}, {', '.join(packages)}",
+    return [f"- commit: {code_commit()}", f"- Python {platform.python_version()}, {', '.join(packages)}",
             f"- {platform.platform()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
             f"GPU: {gpu}"]
 
