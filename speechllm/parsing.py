@@ -36,32 +36,41 @@ def _slot_value(value: object) -> SlotValue:
 
 
 def first_braced(text: str) -> str | None:
-    """Return the first balanced ``{...}`` substring, honouring quoted strings."""
+    """Return the first balanced ``{...}`` substring, honouring quoted strings, in linear time.
+
+    One scan from the first brace, with a stack of the braces still open, sees every balanced pair;
+    the answer is the pair that opens first. Braces inside a quoted string are text. A generation of
+    unclosed braces (hostile or looping output) costs one pass, not one pass per brace.
+    """
     start = text.find("{")
-    while start != -1:
-        depth, quote, escape = 0, None, False
-        for i in range(start, len(text)):
-            ch = text[i]
-            if quote:
-                if escape:
-                    escape = False
-                elif ch == "\\":
-                    escape = True
-                elif ch == quote:
-                    quote = None
-            elif ch in "\"'":
-                # an apostrophe inside a word (e.g. "it's") is not a quote
-                if ch == "'" and i > 0 and text[i - 1].isalnum() and i + 1 < len(text) and text[i + 1].isalnum():
-                    continue
-                quote = ch
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start : i + 1]
-        start = text.find("{", start + 1)
-    return None
+    if start == -1:
+        return None
+    opened: list[int] = []
+    first: tuple[int, int] | None = None  # the earliest-opening closed pair, while an outer brace is open
+    quote, escape = None, False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if quote:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'":
+            # an apostrophe inside a word (e.g. "it's") is not a quote
+            if ch == "'" and i > 0 and text[i - 1].isalnum() and i + 1 < len(text) and text[i + 1].isalnum():
+                continue
+            quote = ch
+        elif ch == "{":
+            opened.append(i)
+        elif ch == "}" and opened:
+            begin = opened.pop()
+            if not opened:  # the outermost pair: nothing opened before it
+                return text[begin : i + 1]
+            if first is None or begin < first[0]:
+                first = (begin, i)
+    return None if first is None else text[first[0] : first[1] + 1]
 
 
 def response_part(text: str) -> str:

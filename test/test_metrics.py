@@ -261,9 +261,8 @@ def test_normalisation_is_idempotent(value):
     assert normalize_value(normalize_value(value)) == normalize_value(value)
 
 
-def test_score_files_reads_list_values_and_names_a_bad_hypothesis_line(tmp_path):
+def test_score_files_reads_list_values(tmp_path):
     from speechllm.bin.score import score_files
-    from speechllm.io_utils import InputError
 
     ref = tmp_path / "ref.jsonl"
     ref.write_text(json.dumps({"id": "u", "utt_id": "u", "feats": None, "prompt": "", "target": "",
@@ -272,6 +271,3 @@ def test_score_files_reads_list_values_and_names_a_bad_hypothesis_line(tmp_path)
     hyp.write_text(json.dumps({"id": "u", "slots": {"account_type": ["Savings", "loan"]}}) + "\n")
     result = score_files(ref, hyp)
     assert _counts(result, "exact") == (1, 1, 1) and _counts(result, "span_f1") == (0, 2, 2)
-    hyp.write_text(json.dumps({"id": "u", "slots": {}}) + "\n" + json.dumps({"id": "v", "slots": ["x"]}) + "\n")
-    with pytest.raises(InputError, match=rf"{re.escape(str(hyp))}:2: expected keys 'id' and 'slots' \(an object\)"):
-        score_files(ref, hyp)

@@ -91,7 +91,7 @@ def test_result_txt_is_the_table_of_scores_json(tmp_path, monkeypatch, capsys, t
     (tmp_path / "utt2group").write_text("".join(f"{u} {g}\n" for u, g in GROUPS.items()))
     outdir = tmp_path / "score"
     score_bin.main(["--ref_jsonl", str(ref), "--hyp_jsonl", str(hyp), "--outdir", str(outdir), "--mode", "regular",
-                    "--title", TITLE, "--utt2group", str(tmp_path / "utt2group")])
+                    "--title", TITLE, "--utt2group", str(tmp_path / "utt2group"), "--allow_missing"])
 
     scores = json.loads((outdir / "scores.json").read_text())
     for metric, (p, r, f1) in EXPECTED.items():

@@ -17,42 +17,98 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from speechllm.data import read_examples
 from speechllm.features import read_whisper_record
 from speechllm.formatting import DECODES
-from speechllm.io_utils import InputError, atomic_write, read_jsonl, read_kaldi_map
+from speechllm.io_utils import InputError, atomic_write, read_kaldi_map
 from speechllm.logging_utils import setup_logging
 from speechllm.metrics import format_table, matches_in_prompt, score_corpus
 from speechllm.model.builder import SPEC_FILE, read_spec
-from speechllm.slots import Slots
+from speechllm.slots import Slots, is_slot_value
 
 log = logging.getLogger(__name__)
 
 
-def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2group: Path | None = None) -> dict:
+@dataclass
+class Hypothesis:
+    slots: Slots
+    parseable: bool
+    truncated: bool = False  # cut off by decoding's cap on new tokens (older hyp files do not say)
+    looped: bool = False  # ended by decoding's loop guard
+
+
+_ID_RE = re.compile(rb'"id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _hypothesis(raw: bytes) -> tuple[str | None, Hypothesis, str | None]:
+    """One line of ``hyp.jsonl`` as ``(id, hypothesis, problem)``. A malformed line is an unparseable
+    hypothesis of the id it names (``None`` when even that cannot be read), with the problem said."""
+    try:
+        row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        match = _ID_RE.search(raw)
+        utt = json.loads(b'"' + match.group(1) + b'"') if match else None
+        return utt, Hypothesis({}, False), "not a JSON object"
+    if not isinstance(row, dict):
+        return None, Hypothesis({}, False), "not a JSON object"
+    utt = row.get("id")
+    if not isinstance(utt, str):
+        return None, Hypothesis({}, False), f"'id' must be a string, got {utt!r}"
+    slots, parseable = row.get("slots"), row.get("parseable", True)
+    if not isinstance(slots, dict) or not all(is_slot_value(v) for v in slots.values()):
+        return utt, Hypothesis({}, False), "'slots' must map labels to a string, null or a list of strings"
+    if not isinstance(parseable, bool):
+        return utt, Hypothesis({}, False), f"'parseable' must be true or false, got {parseable!r}"
+    return utt, Hypothesis(slots, parseable, row.get("truncated") is True, row.get("stop") == "loop"), None
+
+
+def read_hypotheses(path: Path) -> dict[str, Hypothesis]:
+    """Every hypothesis of a ``hyp.jsonl`` file. A malformed line is scored as unparseable, with a
+    warning naming it; one whose id cannot be read is left out (its utterance is then missing); an id
+    given twice is an error naming both lines."""
+    hyps: dict[str, Hypothesis] = {}
+    line_of: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            utt, hyp, problem = _hypothesis(raw)
+            if problem:
+                log.warning("%s:%d: %s: %s", path, lineno, problem,
+                            "no id to count it for, left out" if utt is None else f"{utt} counted as unparseable")
+            if utt is None:
+                continue
+            if utt in line_of:
+                raise InputError(f"{path}:{lineno}: duplicate id {utt!r} (also on line {line_of[utt]})")
+            hyps[utt], line_of[utt] = hyp, lineno
+    return hyps
+
+
+def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2group: Path | None = None,
+                allow_missing: bool = False) -> dict:
+    """Score a decode; a reference without a hypothesis (an incomplete decode) is an error unless
+    ``allow_missing``, which counts its slots as false negatives."""
     examples = read_examples(ref_jsonl, mode)
     refs = {e.id: e.slots for e in examples}
-    hyps: dict[str, tuple[Slots, bool]] = {}
-    truncated: dict[str, bool] = {}  # cut off by decoding's cap on new tokens (older hyp files do not say)
-    looped: dict[str, bool] = {}  # ended by decoding's loop guard
-    if hyp_jsonl.exists():
-        for lineno, row in read_jsonl(hyp_jsonl):
-            if "id" not in row or not isinstance(row.get("slots"), dict):
-                raise InputError(f"{hyp_jsonl}:{lineno}: expected keys 'id' and 'slots' (an object)")
-            hyps[row["id"]] = (row["slots"], bool(row.get("parseable", True)))
-            truncated[row["id"]] = bool(row.get("truncated", False))
-            looped[row["id"]] = row.get("stop") == "loop"
-    else:
-        log.warning("%s does not exist: every reference counts as missing", hyp_jsonl)
+    hyps = read_hypotheses(hyp_jsonl) if hyp_jsonl.exists() else {}
+    missing = sorted(set(refs) - set(hyps))
+    if missing and not allow_missing:
+        found = "does not exist" if not hyp_jsonl.exists() else "has no hypothesis"
+        raise InputError(f"{hyp_jsonl} {found} for {len(missing)} of the {len(refs)} utterances of {ref_jsonl} "
+                         f"(first: {missing[0]}): the decode in {hyp_jsonl.parent} is incomplete. Rerun stage 4, "
+                         "or score it anyway with --allow_missing (their slots then count as false negatives)")
     unknown = set(hyps) - set(refs)
     if unknown:
         log.warning("%d hypotheses have no reference and are ignored (first: %s)", len(unknown), min(unknown))
-    result = score_corpus(refs, hyps)
-    result["n_truncated"] = sum(truncated.get(i, False) for i in refs)
-    result["n_loop_guarded"] = sum(looped.get(i, False) for i in refs)
-    result["matches_in_prompt"] = matches_in_prompt(refs, hyps, {e.id: e.prompt for e in examples})
+    pairs = {i: (h.slots, h.parseable) for i, h in hyps.items()}
+    result = score_corpus(refs, pairs)
+    result["n_truncated"] = sum(hyps[i].truncated for i in refs if i in hyps)
+    result["n_loop_guarded"] = sum(hyps[i].looped for i in refs if i in hyps)
+    result["matches_in_prompt"] = matches_in_prompt(refs, pairs, {e.id: e.prompt for e in examples})
     if result["n_missing"]:
         log.warning("%d of %d utterances have no hypothesis: their slots count as false negatives",
                     result["n_missing"], result["n_utts"])
@@ -69,7 +125,7 @@ def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2g
             raise InputError(f"{utt2group}: no group for {len(ungrouped)} utterances of {ref_jsonl} "
                              f"(first: {ungrouped[0]})")
         group_of = {e.id: groups[e.utt_id] for e in examples}
-        result["groups"] = {g: score_corpus({i: r for i, r in refs.items() if group_of[i] == g}, hyps)
+        result["groups"] = {g: score_corpus({i: r for i, r in refs.items() if group_of[i] == g}, pairs)
                             for g in sorted(set(group_of.values()))}
     return result
 
@@ -95,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--llm", help="the LLM config (conf/llm/<llm>.yaml)")
     run.add_argument("--tag", help="the tag of the experiment ('': none)")
     run.add_argument("--set", help="the test set")
+    parser.add_argument("--allow_missing", action="store_true",
+                        help="score an incomplete decode: utterances without a hypothesis count as false negatives")
     run.add_argument("--exp_dir", type=Path, help="the experiment dir (its model/ records the Whisper used)")
     args = parser.parse_args(argv)
     setup_logging()
@@ -102,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"run": {"llm": args.llm, "mode": mode, "think": think, "tag": args.tag or None, "set": args.set,
                       "whisper": whisper_of(args.ref_jsonl.parent, args.exp_dir),
                       "exp_dir": str(args.exp_dir) if args.exp_dir else None},
-              **score_files(args.ref_jsonl, args.hyp_jsonl, args.mode, args.utt2group)}
+              **score_files(args.ref_jsonl, args.hyp_jsonl, args.mode, args.utt2group, args.allow_missing)}
     args.outdir.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.outdir / "scores.json") as f:
         json.dump(result, f, indent=1)
