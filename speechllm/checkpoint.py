@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speechllm.io_utils import temp_path
+
 PATTERN = "step_???????"
 
 
@@ -41,8 +43,8 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(outdir: Path, step: int, state: dict, keep: int) -> Path:
     """Write ``state`` as step ``step``'s checkpoint and delete all but the newest ``keep``."""
     ckpt = outdir / "checkpoints" / f"step_{step:07d}"
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(ckpt)
+    tmp.mkdir(parents=True)
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)

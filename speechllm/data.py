@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -87,6 +88,7 @@ class TokenizedSet(torch.utils.data.Dataset):
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
         self.meta = json.loads((self.dir / "meta.json").read_text(encoding="utf-8"))
+        check_arks(self.meta.get("arks", {}), self.meta["source"])
         self.tokens = np.memmap(self.dir / "tokens.bin", dtype=np.int32, mode="r")
         self.index = np.memmap(self.dir / "index.bin", dtype=np.int64, mode="r").reshape(-1, 6)
         self._file: tuple[int, object] | None = None  # (pid, handle): each DataLoader worker opens its own
@@ -129,6 +131,38 @@ def collate(items: list[tuple[ModelInput, str]]) -> tuple[list[ModelInput], list
     return [e for e, _ in items], [t for _, t in items]
 
 
+def ark_of(feats_path: str) -> str:
+    """The file of a kaldiio location (``path:offset`` or ``path:offset[slice]``)."""
+    return re.sub(r":\d+(\[[^]]*\])?$", "", feats_path)
+
+
+def ark_stamps(arks: set[str], jsonl: Path) -> dict[str, list[int]]:
+    """Size and modification time of each feature file a JSONL file points into; a missing one is an error."""
+    stamps = {}
+    for ark in sorted(arks):
+        try:
+            stat = os.stat(ark)
+        except OSError:
+            raise InputError(f"{ark} (features of {jsonl}) not found: stage 1 did not complete, or ran again after "
+                             "stage 2. Rerun stages 1 and 2") from None
+        stamps[ark] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def check_arks(stamps: dict[str, list[int]], jsonl: str) -> None:
+    """Refuse feature files that changed since ``jsonl`` was tokenised: its offsets would point into
+    other matrices (stage 1 ran again, or was killed while running again, after stage 2)."""
+    for ark, stamp in stamps.items():
+        try:
+            stat = os.stat(ark)
+        except OSError:
+            stat = None
+        if stat is None or [stat.st_size, stat.st_mtime_ns] != stamp:
+            raise InputError(f"{ark} (features of {jsonl}) is {'gone' if stat is None else 'rewritten'} since stage 2 "
+                             "wrote the rows that point into it: stage 1 ran again. Rerun stage 2 (and stage 1 "
+                             "if it did not complete)")
+
+
 def source_stamp(jsonl: Path, tokenizer_fingerprint: str, limit: int | None) -> dict:
     stat = jsonl.stat()
     return {"source": str(jsonl.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
@@ -153,7 +187,7 @@ def tokenize_once(jsonl: str | Path, directory: str | Path, tokenize: TokenizeFn
         log.info("%s was tokenised from another file or tokenizer: tokenising again", directory)
         meta_file.unlink()
     directory.mkdir(parents=True, exist_ok=True)
-    n_rows, n_tokens, pending = 0, 0, []
+    n_rows, n_tokens, pending, arks = 0, 0, [], set()
     with open(directory / "tokens.bin", "wb") as tok, open(directory / "index.bin", "wb") as idx:
         def flush() -> None:
             nonlocal n_tokens
@@ -169,6 +203,8 @@ def tokenize_once(jsonl: str | Path, directory: str | Path, tokenize: TokenizeFn
             if limit is not None and n_rows >= limit:
                 break
             pending.append((offset, example))
+            if example.feats_path is not None:
+                arks.add(ark_of(example.feats_path))
             n_rows += 1
             if len(pending) == TOKENIZE_CHUNK:
                 flush()
@@ -177,7 +213,7 @@ def tokenize_once(jsonl: str | Path, directory: str | Path, tokenize: TokenizeFn
     if n_rows == 0:
         raise InputError(f"{jsonl}: no examples")
     with atomic_write(meta_file) as f:
-        json.dump({**stamp, "rows": n_rows, "tokens": n_tokens}, f)
+        json.dump({**stamp, "rows": n_rows, "tokens": n_tokens, "arks": ark_stamps(arks, jsonl)}, f)
     log.info("tokenised %d rows (%d tokens) of %s into %s", n_rows, n_tokens, jsonl, directory)
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections import Counter
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -47,13 +48,25 @@ def _generate_batch(model: SpeechLLM, chunk: list[Example], prompts: dict[str, t
     return model.generate(items, max_new_tokens, num_beams)
 
 
+def result_row(example: Example, out: Generation) -> dict:
+    """One line of ``hyp.jsonl``: the output, its parse, and why it ended."""
+    parsed = parse_slots(out.text)
+    return {"id": example.id, "utt_id": example.utt_id, "mode": example.mode, "output": out.text,
+            "slots": parsed.slots, "parseable": parsed.parseable, "truncated": out.truncated, "stop": out.stop}
+
+
 def decode_examples(model: SpeechLLM, examples: list[Example], batch_size: int = 8, max_new_tokens: int = 256,
-                    num_beams: int = 1) -> list[dict]:
+                    num_beams: int = 1, done: Sequence[list[dict]] = (),
+                    on_batch: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Generate for every example; one result dict per example, in id order.
 
     ``stop`` says why the output ended (:mod:`speechllm.stopping`). ``truncated`` marks an output that
     hit ``max_new_tokens`` first: it may have lost slots or fail to parse because of the cap rather
     than the model; a ``loop`` output was ended by the loop guard.
+
+    ``done`` holds the result rows of the first batches from an earlier, interrupted run (the batches
+    depend only on the examples, the tokenizer and ``batch_size``), which are not generated again;
+    ``on_batch`` receives each new batch's rows as soon as they exist, for a job to save its progress.
     """
     if not examples:  # an empty share: more jobs than examples
         return []
@@ -63,22 +76,25 @@ def decode_examples(model: SpeechLLM, examples: list[Example], batch_size: int =
     if any(e.feats_path is not None and not e.n_frames for e in examples):
         log.warning("stage-2 rows without n_frames (an older dump): batches are sorted by prompt tokens only")
     order = sorted(examples, key=lambda e: (len(prompts[e.id][0]) + len(prompts[e.id][1]) + e.n_frames, e.id))
-    outputs: dict[str, Generation] = {}
-    start = time.time()
-    for i in tqdm(range(0, len(order), batch_size), desc="decode", unit="batch"):
-        chunk = order[i : i + batch_size]
-        outputs.update(zip((e.id for e in chunk), _generate_batch(model, chunk, prompts, max_new_tokens, num_beams)))
-    seconds = max(time.time() - start, 1e-9)
-    stops = Counter(g.stop for g in outputs.values())
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rows: dict[str, dict] = {}
+    for k, (batch, kept) in enumerate(zip(batches, done)):
+        if [e.id for e in batch] != [r["id"] for r in kept]:
+            raise ValueError(f"batch {k} of the earlier run holds other examples than this run's batch {k}")
+        rows.update((r["id"], r) for r in kept)
+    start, n_tokens = time.time(), 0
+    for batch in tqdm(batches[len(done) :], desc="decode", unit="batch", initial=len(done), total=len(batches)):
+        outputs = _generate_batch(model, batch, prompts, max_new_tokens, num_beams)
+        new = [result_row(e, out) for e, out in zip(batch, outputs)]
+        n_tokens += sum(out.n_tokens for out in outputs)
+        if on_batch is not None:
+            on_batch(new)
+        rows.update((r["id"], r) for r in new)
+    seconds, n_new = max(time.time() - start, 1e-9), len(order) - sum(map(len, done))
+    stops = Counter(r["stop"] for r in rows.values())
     log.log(logging.WARNING if stops["cap"] or stops["loop"] else logging.INFO,
-            "decoded %d examples in %.1f s (%.2f utt/s, %.1f new tokens/s, batch %d), %d truncated at the cap of "
-            "%d new tokens, %d ended by the loop guard, %d at a complete answer without EOS", len(examples), seconds,
-            len(examples) / seconds, sum(g.n_tokens for g in outputs.values()) / seconds, batch_size, stops["cap"],
+            "decoded %d examples (%d in this run) in %.1f s (%.2f utt/s, %.1f new tokens/s, batch %d), %d truncated "
+            "at the cap of %d new tokens, %d ended by the loop guard, %d at a complete answer without EOS",
+            len(examples), n_new, seconds, n_new / seconds, n_tokens / seconds, batch_size, stops["cap"],
             max_new_tokens, stops["loop"], stops["answer"])
-    results = []
-    for e in sorted(examples, key=lambda e: e.id):
-        out = outputs[e.id]
-        parsed = parse_slots(out.text)
-        results.append({"id": e.id, "utt_id": e.utt_id, "mode": e.mode, "output": out.text, "slots": parsed.slots,
-                        "parseable": parsed.parseable, "truncated": out.truncated, "stop": out.stop})
-    return results
+    return [rows[e.id] for e in sorted(examples, key=lambda e: e.id)]

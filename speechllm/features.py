@@ -25,7 +25,7 @@ from scipy.signal import resample_poly
 from whisper.model import ModelDimensions, Whisper
 
 from speechllm.config import load_yaml_dataclass
-from speechllm.io_utils import InputError, atomic_write
+from speechllm.io_utils import InputError, atomic_write, read_lines
 from speechllm.pretrained import whisper_checkpoint
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def read_whisper_record(dump_dir: Path) -> str | None:
     path = Path(dump_dir) / WHISPER_RECORD
     if not path.exists():
         return None
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = [line for _, line in read_lines(path)]
     if not lines or not lines[0].strip():
         raise InputError(f"{path}:1: empty, expected the name or path of a Whisper model")
     if len(lines) > 1:
@@ -137,11 +137,14 @@ def encode_audio(model: Whisper, audio: np.ndarray, pad_30s: bool = False) -> np
 
 
 def check_audio(path: str | Path) -> tuple[np.ndarray | None, str | None]:
-    """Load a turn, or return the reason it must be skipped (missing, corrupt, empty, too long)."""
+    """Load a turn, or return the reason it must be skipped (missing, corrupt, not finite, empty, too long)."""
     try:
         audio = read_audio(str(path))
     except (OSError, RuntimeError, ValueError, sf.LibsndfileError) as e:
         return None, f"unreadable ({e})"
+    bad = int(np.count_nonzero(~np.isfinite(audio)))
+    if bad:  # a float wav can hold NaN or inf samples; one such turn would make every trained weight NaN
+        return None, f"not finite ({bad} NaN or infinite samples)"
     if len(audio) < SAMPLE_RATE // 10:  # under 0.1 s: fewer than 4 encoder frames
         return None, "empty"
     if len(audio) > MAX_SECONDS * SAMPLE_RATE:

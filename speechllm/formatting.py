@@ -28,7 +28,8 @@ from pathlib import Path
 from random import Random
 
 from speechllm import prompts
-from speechllm.io_utils import InputError, atomic_write, read_descriptions, read_kaldi_map, read_slots
+from speechllm.io_utils import (InputError, atomic_write, read_descriptions, read_json, read_kaldi_map, read_slots,
+                                write_kaldi_map)
 from speechllm.parsing import format_slots
 from speechllm.slots import Slots, filled_slots, values_of
 
@@ -140,9 +141,30 @@ def reasoning_target(transcript: str, gold: Slots, queried: tuple[str, ...] | No
             + "<response>\n" + regular_target(gold, queried) + "\n</response>")
 
 
+def dropped_utterances(utts: list[str], feats: dict[str, str], slots: dict[str, Slots],
+                       dump_dir: Path) -> dict[str, str]:
+    """Every utterance that cannot become an example, with the reason: text without features (stage 1
+    skipped it) or without a slots line, and features or a slots line without text."""
+    skipped = dump_dir / "skipped"
+    by_stage1 = read_kaldi_map(skipped, allow_empty_value=True) if skipped.exists() else {}
+
+    def reason(u: str) -> str:
+        if u in feats:
+            return "no slots line"
+        return f"skipped by stage 1 (see {skipped})" if u in by_stage1 else "no features (not in wav.scp)"
+
+    reasons = {u: reason(u) for u in utts if u not in feats or u not in slots}
+    known = set(utts)
+    reasons.update({u: "features but no line in text" for u in feats if u not in known})
+    reasons.update({u: "a slots line but no line in text" for u in slots if u not in known and u not in feats})
+    return reasons
+
+
 def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: float = 0.5,
                    context_source: str = "asr") -> dict[str, list[dict]]:
     """Examples of every mode for one data dir, keyed by mode."""
+    if not (dump_dir / "feats.scp").exists():
+        raise InputError(f"{dump_dir / 'feats.scp'} missing: stage 1 has not completed for {data_dir} (run it)")
     feats = read_kaldi_map(dump_dir / "feats.scp")
     num_frames = read_kaldi_map(dump_dir / "utt2num_frames") if (dump_dir / "utt2num_frames").exists() else {}
     text = read_kaldi_map(data_dir / "text")
@@ -162,7 +184,9 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
         raise ValueError(f"context_source must be 'asr' or 'reference', got {context_source!r}")
     inventory_path = data_dir / "slot_inventory.json"
     if inventory_path.exists():
-        descriptions = json.loads(inventory_path.read_text(encoding="utf-8"))
+        descriptions = read_json(inventory_path)
+        if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
+            raise InputError(f"{inventory_path}: expected an object mapping each label to its description")
     else:
         log.warning("%s missing: the inventory is the labels seen in %s", inventory_path, data_dir)
         descriptions = {}
@@ -170,13 +194,17 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
 
     utts = sorted(text)
     history = conversation_order(data_dir, utts)
-    missing = [u for u in utts if u not in feats or u not in gold_all]
-    if missing:
-        log.warning("%d of %d utterances of %s have no features or no slots line and are left out "
-                    "(first: %s)", len(missing), len(utts), data_dir, missing[0])
+    dropped = dropped_utterances(utts, feats, gold_all, dump_dir)
+    write_kaldi_map(dump_dir / "dropped", dropped)
+    if dropped:
+        log.warning("%d utterances of %s are left out (listed with the reason in %s):", len(dropped), data_dir,
+                    dump_dir / "dropped")
+        for reason in sorted(set(dropped.values())):
+            names = sorted(u for u, r in dropped.items() if r == reason)
+            log.warning("  %d %s: %s%s", len(names), reason, " ".join(names[:20]), " ..." if len(names) > 20 else "")
     out: dict[str, list[dict]] = {m: [] for m in MODES if m != "cascade" or asr is not None}
     for utt in utts:
-        if utt in missing:
+        if utt in dropped:
             continue
         gold = filled_slots(gold_all[utt])
         rng = Random(f"format-{seed}-{utt}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 from speechllm.slots import Slots, is_slot_value
 
@@ -19,30 +20,58 @@ class InputError(ValueError):
     """Bad user input; the message names the file and line."""
 
 
+def temp_path(path: str | Path) -> Path:
+    """A sibling of ``path`` that no other process or call picks (process id and a random part), to
+    write aside and rename: two writers of one file never collide in a shared ``path.tmp``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """Write to ``path.tmp`` and rename on success, so readers never see a half-written file."""
+    """Write to a :func:`temp_path` and rename on success, so readers never see a half-written file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-        yield f
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(line number, line)`` of a UTF-8 text file, newlines stripped; a byte that is not UTF-8
+    raises naming the file, line and column."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\n")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file; malformed or non-UTF-8 content raises naming the file and line."""
+    try:
+        return json.loads("\n".join(line for _, line in read_lines(path)))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
 
 
 def read_kaldi_map(path: str | Path, allow_empty_value: bool = False) -> dict[str, str]:
     """Read a Kaldi ``key value...`` file (``wav.scp``, ``text``, ``utt2spk``...)."""
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            key, _, value = line.partition(" ")
-            if not value.strip() and not allow_empty_value:
-                raise InputError(f"{path}:{lineno}: expected '<key> <value>', got {line!r}")
-            if key in out:
-                raise InputError(f"{path}:{lineno}: duplicate key {key!r}")
-            out[key] = value.strip()
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        key, _, value = line.partition(" ")
+        if not value.strip() and not allow_empty_value:
+            raise InputError(f"{path}:{lineno}: expected '<key> <value>', got {line!r}")
+        if key in out:
+            raise InputError(f"{path}:{lineno}: duplicate key {key!r}")
+        out[key] = value.strip()
     return out
 
 

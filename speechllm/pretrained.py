@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speechllm.io_utils import temp_path
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "tools" / "models"
@@ -157,7 +159,7 @@ def ct2_to_whisper(variables: dict[str, np.ndarray]) -> dict:
 
 def convert_ct2_whisper(model_bin: Path, out: Path) -> Path:
     checkpoint = ct2_to_whisper(read_ct2(model_bin))
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temp_path(out)
     torch.save(checkpoint, tmp)
     os.replace(tmp, out)
     log.info("converted %s -> %s (%s)", model_bin, out, checkpoint["dims"])
@@ -180,8 +182,7 @@ def convert_gguf_llm(gguf: Path, outdir: Path) -> Path:
         del config.quantization_config  # the saved weights are plain float32
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
-    tmp = outdir.with_name(outdir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(outdir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(outdir, ignore_errors=True)

@@ -10,17 +10,34 @@ import json
 from pathlib import Path
 
 from speechllm.distributed import World
+from speechllm.io_utils import atomic_write, read_jsonl
 
 SCALARS = {"loss": "train/loss", "ctc_loss": "train/ctc_loss", "lr": "train/lr", "valid_loss": "valid/loss"}
 
 
+def cut_back(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (the checkpoint a run resumes from): a killed run's steps past its
+    last checkpoint are trained again, and would otherwise be logged twice."""
+    if not path.exists():
+        return
+    rows = [row for _, row in read_jsonl(path)]
+    kept = [row for row in rows if row.get("step", 0) <= step]
+    if len(kept) < len(rows):
+        with atomic_write(path) as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+
+
 class RunLog:
-    def __init__(self, outdir: Path, world: World, with_ctc: bool = False) -> None:
-        """``with_ctc``: training adds an auxiliary CTC loss, reported beside the LLM's."""
+    def __init__(self, outdir: Path, world: World, with_ctc: bool = False, step: int = 0) -> None:
+        """``with_ctc``: training adds an auxiliary CTC loss, reported beside the LLM's. ``step``: the step the
+        run starts from; the records of ``train_log.jsonl`` and ``curve.jsonl`` after it are dropped."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.path, self.world, self.with_ctc = outdir / "train_log.jsonl", world, with_ctc
         self.writer = SummaryWriter(str(outdir / "tensorboard")) if world.is_main else None
+        if world.is_main:
+            for path in (self.path, outdir / "curve.jsonl"):
+                cut_back(path, step)
         self.loss = self.ctc_loss = 0.0
         self.steps = 0
 
@@ -29,7 +46,10 @@ class RunLog:
         self.loss, self.ctc_loss, self.steps = self.loss + loss, self.ctc_loss + ctc_loss, self.steps + 1
 
     def window(self) -> dict[str, float]:
-        """The mean losses since the last call, over every rank (a collective: call it on every rank)."""
+        """The mean losses since the last call, over every rank (a collective: call it on every rank);
+        none when every step since was skipped (ranks skip steps together)."""
+        if self.steps == 0:
+            return {}
         means = {"loss": self.world.sum(self.loss) / self.steps}
         if self.with_ctc:
             means["ctc_loss"] = self.world.sum(self.ctc_loss) / (self.steps * self.world.size)

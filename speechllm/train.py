@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class Trainer:
                                                          self.total_steps)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.stopped_idle_before = False  # the checkpoint resumed from was a time-limit stop without a step
+        self.n_nonfinite = 0  # steps skipped for a non-finite loss or gradient
         self.train_s_before = 0.0  # training seconds of the jobs before this one (max_minutes counts them)
         # the auxiliary CTC loss keeps the head that the LLM reads through aligned (text-only models have none)
         self.ctc = None
@@ -108,10 +110,12 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self, group: list[list[int]],
-                   micro: list[tuple[list[ModelInput], list[str]]]) -> tuple[float, float]:
+                   micro: list[tuple[list[ModelInput], list[str]]]) -> tuple[float, float] | None:
         """One optimizer step over a group of global batches, of which ``micro`` holds this rank's shares.
 
-        Returns this rank's share of the step's LLM loss, and its mean auxiliary CTC loss (0 without one)."""
+        Returns this rank's share of the step's LLM loss, and its mean auxiliary CTC loss (0 without one);
+        ``None`` when a loss or the gradient is not finite on any rank: the step's update is then skipped
+        (:meth:`skip_step`) rather than written into the weights."""
         n_tokens = int(self.train_set.n_target[np.concatenate(group)].sum())
         share = ctc_mean = 0.0
         for k, (inputs, texts) in enumerate(micro):
@@ -125,19 +129,50 @@ class Trainer:
                     loss = loss + self.cfg.ctc_weight * ctc / len(group)
                 # DDP averages gradients over ranks, each of which holds a share of one global sum
                 (loss * self.world.size).backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                              self.cfg.grad_clip)
+        finite = math.isfinite(share) and math.isfinite(ctc_mean) and bool(torch.isfinite(norm))
+        if self.world.any(not finite):
+            self.skip_step(group)
+            return None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return share, ctc_mean
 
+    def skip_step(self, group: list[list[int]]) -> None:
+        """Drop a step whose loss or gradient is not finite (counted and logged with the step's rows);
+        stop the run once more than ``max_nonfinite_steps`` were dropped: data or learning rate are wrong."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when no optimizer step came first: here that is the point
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()  # the schedule follows the step count, updated or not
+        self.n_nonfinite += 1
+        ids = [self.train_set.example(i).id for i in np.concatenate(group)[:5]]
+        log.warning("step %d: loss or gradient not finite: update skipped (%d so far; rows include %s)",
+                    self.step + 1, self.n_nonfinite, ", ".join(ids))
+        if self.n_nonfinite > self.cfg.max_nonfinite_steps:
+            raise RuntimeError(f"{self.n_nonfinite} training steps had a non-finite loss or gradient (more than "
+                               f"max_nonfinite_steps {self.cfg.max_nonfinite_steps}): check the features of "
+                               f"{self.train_set.meta['source']} and the learning rate")
+
     # -- checkpoints -----------------------------------------------------------------------------
-    def save_checkpoint(self, stopped_idle: bool = False) -> None:
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, refused if any holds a NaN or an infinity: such weights are never saved."""
         trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        bad = [n for n, t in trainable.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise RuntimeError(f"step {self.step}: {len(bad)} trained tensors hold non-finite values (first: "
+                               f"{bad[0]}): not saved; the last checkpoint in {self.outdir / 'checkpoints'} is kept")
+        return trainable
+
+    def save_checkpoint(self, stopped_idle: bool = False) -> None:
+        trainable = self.trainable_weights()
         # the batch position only means something for the same global batch and accumulation
         position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "global_batch": self.global_batch, "grad_accum": self.cfg.grad_accum,
-                    "stopped_idle": stopped_idle, "train_s": self.budget.train_seconds()}
+                    "stopped_idle": stopped_idle, "train_s": self.budget.train_seconds(),
+                    "nonfinite_steps": self.n_nonfinite}
         save_checkpoint(self.outdir, self.step, {"trainable": trainable, "optimizer": self.optimizer.state_dict(),
                                                  "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                                                  "position": position}, self.cfg.keep_checkpoints)
@@ -163,6 +198,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
         self.stopped_idle_before = pos.get("stopped_idle", False)
         self.train_s_before = pos.get("train_s", 0.0)
+        self.n_nonfinite = pos.get("nonfinite_steps", 0)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch_in_epoch)
 
     def stop_for_time_limit(self, run_log: RunLog, idle: bool) -> None:
@@ -184,7 +220,7 @@ class Trainer:
     def train(self) -> None:
         cfg, world, main = self.cfg, self.world, self.world.is_main
         self.maybe_resume()
-        run_log = RunLog(self.outdir, world, with_ctc=self.ctc is not None)
+        run_log = RunLog(self.outdir, world, with_ctc=self.ctc is not None, step=self.step)
         self.budget = budget = Budget(cfg.max_minutes, world, self.train_s_before)
         curve = None
         if cfg.eval_every and main:
@@ -210,7 +246,9 @@ class Trainer:
                 # one optimizer step over the next grad_accum global batches
                 group = [batches[k] for k in range(self.batch_in_epoch,
                                                    min(self.batch_in_epoch + cfg.grad_accum, len(batches)))]
-                run_log.add_step(*self.train_step(group, [next(micro) for _ in group]))
+                losses = self.train_step(group, [next(micro) for _ in group])
+                if losses is not None:
+                    run_log.add_step(*losses)
                 self.batch_in_epoch += len(group)
                 self.step += 1
                 bar.update(1)
@@ -219,7 +257,8 @@ class Trainer:
                     losses = run_log.window()
                     run_log.record({"step": self.step, "epoch": self.epoch, **losses,
                                     "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": budget.train_seconds()})
-                    bar.set_postfix(loss=f"{losses['loss']:.3f}")
+                    if "loss" in losses:
+                        bar.set_postfix(loss=f"{losses['loss']:.3f}")
                 if self.step % cfg.save_every == 0 and main:
                     self.save_checkpoint()
                 out_of_time = budget.spent()
@@ -247,8 +286,8 @@ class Trainer:
             save_model(self.model, self.spec, self.outdir / "model", self.base_path)
             plot_losses(self.outdir / "train_log.jsonl", self.outdir / "loss.png")
         world.barrier()
-        log.info("training done: %d steps, %.1f s of training; model in %s", self.step, budget.train_seconds(),
-                 self.outdir / "model")
+        log.info("training done: %d steps (%d skipped: not finite), %.1f s of training; model in %s", self.step,
+                 self.n_nonfinite, budget.train_seconds(), self.outdir / "model")
 
 
 def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, valid_jsonl: Path | None,

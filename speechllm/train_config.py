@@ -25,6 +25,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.2
     grad_clip: float = 1.0
+    max_nonfinite_steps: int = 10  # steps whose loss or gradient is NaN/inf are skipped; more than this stop the run
     adapter_hidden: int = 2048
     stack: int = 4
     seed: int = 1
@@ -51,6 +52,8 @@ class TrainConfig:
             raise ValueError(f"audio_input must be 'adapter' or 'ctc_tokens', not {self.audio_input!r}")
         if self.audio_input == "ctc_tokens" and self.align.steps <= 0:
             raise ValueError("audio_input: ctc_tokens reads the CTC head's output, which needs align.steps > 0")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0, not {self.max_nonfinite_steps}")
         if self.effective_batch is not None and self.effective_batch <= 0:
             raise ValueError(f"effective_batch must be > 0, not {self.effective_batch}")
         if self.ctc_weight < 0:

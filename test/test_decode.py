@@ -193,14 +193,16 @@ def test_scores_count_truncated_and_loop_guarded_outputs(tiny, tmp_path, capsys)
             {"id": "u4", "slots": {}, "stop": "answer"},
             {"id": "not_a_ref", "slots": {}, "truncated": True, "stop": "loop"}]  # no reference: ignored
     hyp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    score_bin.main(["--ref_jsonl", str(jsonl), "--hyp_jsonl", str(hyp), "--outdir", str(tmp_path / "score")])
+    score_bin.main(["--ref_jsonl", str(jsonl), "--hyp_jsonl", str(hyp), "--outdir", str(tmp_path / "score"),
+                    "--allow_missing"])  # the model's other examples have no row here
     scores = json.loads((tmp_path / "score" / "scores.json").read_text())
     assert (scores["n_truncated"], scores["n_loop_guarded"]) == (2, 1)
     assert "truncated: 2 outputs" in (tmp_path / "score" / "result.txt").read_text()
     assert "loop-guarded: 1 outputs" in (tmp_path / "score" / "result.txt").read_text()
     assert "truncated: 2 outputs" in capsys.readouterr().out
     hyp.write_text("".join(json.dumps({**r, "truncated": False}) + "\n" for r in rows))
-    score_bin.main(["--ref_jsonl", str(jsonl), "--hyp_jsonl", str(hyp), "--outdir", str(tmp_path / "score")])
+    score_bin.main(["--ref_jsonl", str(jsonl), "--hyp_jsonl", str(hyp), "--outdir", str(tmp_path / "score"),
+                    "--allow_missing"])  # the model's other examples have no row here
     assert json.loads((tmp_path / "score" / "scores.json").read_text())["n_truncated"] == 0
     assert "truncated" not in (tmp_path / "score" / "result.txt").read_text()
 

@@ -2,6 +2,14 @@
 
 Without ``--max_new_tokens`` the cap comes from the model dir: its longest training target plus a
 margin (:func:`speechllm.decode.new_token_cap`). Each output row says whether the cap cut it off.
+
+A job can be killed at any moment and run again: each finished batch is appended to
+``<output>.partial`` as one JSON line (flushed), after a first line holding what the outputs depend
+on (the model dir's and the JSONL file's size and modification time, the share, the batch size, the
+cap, the beams, the device type). A rerun with the same settings keeps the whole batches, drops an
+unfinished last line and decodes the rest in the same batches, so the output is that of an
+uninterrupted run; any other setting starts over with a warning. The output is written (atomically)
+only when every example is decoded, and the partial file is then removed.
 """
 
 from __future__ import annotations
@@ -20,9 +28,33 @@ from speechllm.formatting import DECODES
 from speechllm.io_utils import atomic_write
 from speechllm.jobs import job_slice
 from speechllm.logging_utils import setup_logging
-from speechllm.model.builder import load_model, read_spec
+from speechllm.model.builder import SPEC_FILE, load_model, read_spec
 
 log = logging.getLogger(__name__)
+
+
+def stamp(path: Path) -> list[int]:
+    """Size and modification time: a model saved again or a JSONL file written again is another input."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def batches_to_keep(partial: Path, settings: dict) -> list[list[dict]]:
+    """The finished batches of an earlier run of this job with the same settings (logged), else none."""
+    if not partial.exists():
+        return []
+    lines = partial.read_bytes().split(b"\n")[:-1]  # the last piece is empty or an unfinished line
+    try:
+        old, *done = [json.loads(line) for line in lines] or [None]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s is not a progress file of this job: decoding from the start", partial)
+        return []
+    if old != json.loads(json.dumps(settings)):
+        changed = [k for k in settings if (old or {}).get(k) != settings[k]]
+        log.warning("%s was written with other settings (%s): decoding from the start", partial, ", ".join(changed))
+        return []
+    log.info("resuming: %d batches (%d examples) already decoded in %s", len(done), sum(map(len, done)), partial)
+    return done
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,11 +87,24 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     examples = {e.id: e for e in read_examples(args.jsonl, args.mode)}
     mine = [examples[i] for i in job_slice(list(examples), args.job, args.nj)]
-    model = load_model(args.model_dir, args.device)
-    results = decode_examples(model, mine, args.batch_size, max_new_tokens, args.num_beams)
+    settings = {"model": stamp(args.model_dir / SPEC_FILE), "jsonl": stamp(args.jsonl), "mode": args.mode,
+                "job": args.job, "nj": args.nj, "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
+                "num_beams": args.num_beams, "device": torch.device(args.device).type}
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(f"{args.output}.partial")
+    done = batches_to_keep(partial, settings)
+    with atomic_write(partial) as f:  # the settings and the kept batches, without an unfinished line
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in [settings, *done])
+    model = load_model(args.model_dir, args.device)
+    with open(partial, "a", encoding="utf-8") as progress:
+        def save(rows: list[dict]) -> None:
+            progress.write(json.dumps(rows, ensure_ascii=False) + "\n")
+            progress.flush()
+
+        results = decode_examples(model, mine, args.batch_size, max_new_tokens, args.num_beams, done, save)
     with atomic_write(args.output) as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    partial.unlink()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Job ``J`` of ``N`` takes the J-th contiguous chunk of the sorted ``wav.scp``; th
 per-job ``feats.J.scp``, ``text_asr.J``, ``utt2num_frames.J`` and ``skipped.J`` files, and takes
 ``whisper.J`` (the Whisper name, or the absolute path of a checkpoint or YAML file) as the set's
 ``whisper`` record, which training reads when it is given no ``--whisper``. Unusable turns
-(missing, corrupt, empty, over 30 s) are skipped, listed with the reason, and counted in the log.
+(missing, corrupt, empty, over 30 s, NaN or infinite samples or encoder outputs) are skipped, listed
+with the reason, and counted in the log.
 
 A job can be killed at any moment and rerun (same ``--outdir``, ``--job``, ``--nj``) without losing
 the keys it finished. Each finished key's matrix is appended to ``feats.J.ark.partial`` and flushed,
@@ -246,11 +247,13 @@ def main(argv: list[str] | None = None) -> None:
             for key in todo:
                 record = {"key": key, "wav": wav_scp[key], "wav_stamp": wav_stamp(wav_scp[key])}
                 audio, reason = audios[key]
-                if audio is None:
+                feats = None if audio is None else encode_audio(model, audio, cfg.pad_30s).astype(dtype)
+                if feats is not None and not np.isfinite(feats).all():
+                    reason = "not finite (the encoder's output)"
+                if reason is not None:
                     log.warning("skipping %s (%s): %s", key, wav_scp[key], reason)
                     record["skipped"] = reason
                 else:
-                    feats = encode_audio(model, audio, cfg.pad_30s).astype(dtype)
                     if args.asr:
                         record["text"] = texts[key]
                     record["offset"] = ark.tell() + len(f"{key} ".encode())  # the matrix follows "key "

@@ -19,13 +19,12 @@ every scored dir of ``exp/``); ``--list`` prints the decode dirs kept instead of
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
 
 from speechllm.formatting import DECODES, HYBRID, MODES, decode_mode
-from speechllm.io_utils import InputError, atomic_write
+from speechllm.io_utils import InputError, atomic_write, read_json
 from speechllm.logging_utils import setup_logging
 from speechllm.plots import plot_f1
 from speechllm.provenance import code_commit
@@ -50,10 +49,7 @@ def read_run(ddir: Path) -> tuple[dict, dict] | None:
     path = ddir / "score" / "scores.json"
     if not path.is_file():
         raise InputError(f"{path} not found: score {ddir} first (stage 5)")
-    try:
-        scores = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: {e.msg}") from None
+    scores = read_json(path)
     run = scores.get("run")
     if run is None:
         log.warning("%s names no run (scored before scores.json recorded it): left out; score it again "

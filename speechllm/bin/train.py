@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from speechllm.config import load_yaml_dataclass, parse_overrides, record_config
 from speechllm.distributed import close_world, init_world
 from speechllm.features import read_whisper_record
 from speechllm.formatting import MODES
+from speechllm.lock import exclusive
 from speechllm.logging_utils import setup_logging
 from speechllm.model.llm import LLMConfig
 from speechllm.train import build_and_train
@@ -73,6 +75,12 @@ def main(argv: list[str] | None = None) -> None:
         llm_overrides.update(name_or_path=args.llm_path, local_cache=None)
     llm_cfg = load_yaml_dataclass(args.llm_config, LLMConfig, llm_overrides,
                                   where(args.llm_config, "--llm_args", args.llm_args))
+    # rank 0 holds the experiment dir for the whole run: a second training into it is refused
+    with exclusive(args.outdir) if rank == 0 else nullcontext():
+        run(args, train_cfg, llm_cfg, rank)
+
+
+def run(args: argparse.Namespace, train_cfg: TrainConfig, llm_cfg: LLMConfig, rank: int) -> None:
     if rank == 0:  # a run that resumes must train on the configs it started with
         resuming = latest_checkpoint(args.outdir) is not None and not args.force_config
         record_config(args.outdir / "train.yaml", train_cfg, resuming)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 
-from speechllm.io_utils import InputError, atomic_write
+from speechllm.io_utils import InputError, atomic_write, read_json
 from speechllm.logging_utils import setup_logging
 from speechllm.slots import filled_slots
 
@@ -65,10 +65,7 @@ class Service:
 def load_json(path: Path) -> object:
     if not path.is_file():
         raise InputError(f"{path}: no such file (is --sgd_root the SGD root with train/ and dev/?)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    return read_json(path)
 
 
 def read_schema(path: Path) -> dict[str, Service]:

@@ -21,6 +21,7 @@ import yaml
 from peft import PeftModel
 
 from speechllm.config import from_dict
+from speechllm.io_utils import temp_path
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead
 from speechllm.model.llm import LLMConfig, PromptFormatter, add_lora, build_tiny, load_llm
@@ -83,8 +84,8 @@ def new_adapter(spec: ModelSpec, llm) -> FrameStackAdapter | None:
 def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path: str | Path | None) -> None:
     """Write a model dir; the directory appears complete or not at all (written aside, then renamed)."""
     outdir = Path(outdir)
-    tmp = outdir.with_name(outdir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(outdir)
+    tmp.mkdir(parents=True)
     if model.adapter is not None:
         torch.save(model.adapter.state_dict(), tmp / "adapter.pt")
     if model.ctc_head is not None:
@@ -95,7 +96,7 @@ def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path:
         data["base_llm"] = os.path.relpath(Path(base_path).resolve(), outdir.resolve())
     (tmp / SPEC_FILE).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     if outdir.exists():
-        old = outdir.with_name(outdir.name + ".old")
+        old = temp_path(outdir)
         os.replace(outdir, old)
         os.replace(tmp, outdir)
         shutil.rmtree(old)

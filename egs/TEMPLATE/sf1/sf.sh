@@ -47,6 +47,8 @@ cpus_per_gpu=4       # with --ngpu > 0: CPUs per training process (its threads a
 decode_batch_size=8
 num_beams=1
 max_new_tokens=0     # cap on generated tokens; 0: from the longest training target
+# Stage 5
+allow_missing=false  # true: score an incomplete decode, its missing utterances as false negatives
 # Sets
 train_set=train
 valid_set=dev
@@ -68,10 +70,6 @@ if [ ! -f "${llm_config}" ]; then
   exit 1
 fi
 modes=$(python -m speechllm.bin.modes "${mode}")  # checks --mode and expands all
-case "${force_config}" in
-  true|false) ;;
-  *) log "Error: --force_config must be true or false, got '${force_config}'"; exit 1 ;;
-esac
 if [[ " ${modes} " == *" cascade "* ]] && [ "${asr}" != true ]; then
   log "Error: the cascade (--mode cascade or all) needs Whisper's transcripts: --asr true"
   exit 1
@@ -102,28 +100,44 @@ stage0() {
   local/data.sh ${local_data_opts}
 }
 
+job_files() {  # job_files <prefix> <suffix>: <prefix>1<suffix> ... <prefix>${nj}<suffix>, every job's by name
+  local j
+  for j in $(seq 1 "${nj}"); do echo "$1${j}$2"; done
+}
+
+merge() {  # merge <output> <command...>: the command's output written aside, then renamed (a missing input fails)
+  local out=$1 tmp="$1.$$.tmp"
+  shift
+  "$@" > "${tmp}" || { rm -f "${tmp}"; return 1; }
+  mv "${tmp}" "${out}"
+}
+
+keep_log() {  # keep_log <log>: an earlier run's log moves aside to <log>.1, .2, ... rather than be overwritten
+  local n=1
+  [ -f "$1" ] || return 0
+  while [ -e "$1.${n}" ]; do n=$((n + 1)); done
+  mv "$1" "$1.${n}"
+}
+
 stage1() {
   for dset in ${all_sets}; do
     log "Stage 1: Whisper (${whisper}) features$([ "${asr}" = true ] && echo " and ASR") of data/${dset}" \
       "in ${nj} jobs -> dump/${dset}"
-    local split=dump/${dset}/split${nj}  # a job run again skips the turns it has (see dump_feats.py)
+    local split=dump/${dset}/split${nj} out=dump/${dset}  # a job run again skips the turns it has (see dump_feats.py)
+    # the set's merged files go first and feats.scp comes back last: a stage 1 that does not complete
+    # leaves no feats.scp, which stage 2 refuses, rather than one pointing into arks being rewritten
+    rm -f "${out}/feats.scp" "${out}/text_asr" "${out}/utt2num_frames" "${out}/skipped" "${out}/whisper"
     ${feats_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
       python -m speechllm.bin.dump_feats --data_dir "data/${dset}" --outdir "${split}" \
       --whisper "${whisper}" --asr "${asr}" --asr_pack "${asr_pack}" --asr_chunk "${asr_chunk}" \
       --feats_dtype "${feats_dtype}" --job JOB --nj "${nj}"
-    # every job's file by name: a missing one fails the stage
-    cat $(for j in $(seq 1 "${nj}"); do echo "${split}/feats.${j}.scp"; done) | sort > "dump/${dset}/feats.scp.tmp"
-    mv "dump/${dset}/feats.scp.tmp" "dump/${dset}/feats.scp"
     for f in text_asr utt2num_frames skipped; do
-      cat $(for j in $(seq 1 "${nj}"); do echo "${split}/${f}.${j}"; done) | sort > "dump/${dset}/${f}.tmp"
-      mv "dump/${dset}/${f}.tmp" "dump/${dset}/${f}"
+      merge "${out}/${f}" sort $(job_files "${split}/${f}." "")
     done
     # the jobs' records of --whisper are one line, the same in each (training reads it)
-    sort -u $(for j in $(seq 1 "${nj}"); do echo "${split}/whisper.${j}"; done) > "dump/${dset}/whisper.tmp"
-    mv "dump/${dset}/whisper.tmp" "dump/${dset}/whisper"
-    local n_skipped
-    n_skipped=$(wc -l < "dump/${dset}/skipped")
-    log "dump/${dset}: $(wc -l < "dump/${dset}/feats.scp") utterances, ${n_skipped} skipped (see dump/${dset}/skipped)"
+    merge "${out}/whisper" sort -u $(job_files "${split}/whisper." "")
+    merge "${out}/feats.scp" sort $(job_files "${split}/feats." .scp)
+    log "${out}: $(wc -l < "${out}/feats.scp") utterances, $(wc -l < "${out}/skipped") skipped (see ${out}/skipped)"
   done
 }
 
@@ -153,6 +167,7 @@ stage3() {
     expdir=$(expdir_of "${m}")
     log "Stage 3: training ${llm} (${m}) -> ${expdir}"
     mkdir -p "${expdir}"
+    keep_log "${expdir}/train.log"
     # bin/train.py writes the resolved configs into the exp dir (train.yaml, llm.yaml) and takes the
     # Whisper of the features from stage 1's dump/<set>/whisper
     ${train_cmd} --gpu "${ngpu}" --num_nodes "${num_nodes}" ${train_threads} "${expdir}/train.log" \
@@ -175,13 +190,13 @@ stage4() {
       for name in ${names}; do
         local ddir=${expdir}/decode_${dset}_${name}
         log "Stage 4: decoding dump/${dset}/${m}.jsonl (${name}) in ${nj} jobs -> ${ddir}"
-        rm -rf "${ddir}/split${nj}"
+        # a decode that does not complete leaves no hyp.jsonl; a job run again resumes at its last whole batch
+        rm -f "${ddir}/hyp.jsonl"
         ${decode_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${ddir}/split${nj}/log/decode.JOB.log" \
           python -m speechllm.bin.decode --model_dir "${expdir}/model" --jsonl "dump/${dset}/${m}.jsonl" \
           --mode "${name}" --output "${ddir}/split${nj}/hyp.JOB.jsonl" --job JOB --nj "${nj}" \
           --batch_size "${decode_batch_size}" --num_beams "${num_beams}" --max_new_tokens "${max_new_tokens}"
-        cat $(for j in $(seq 1 "${nj}"); do echo "${ddir}/split${nj}/hyp.${j}.jsonl"; done) > "${ddir}/hyp.jsonl.tmp"
-        mv "${ddir}/hyp.jsonl.tmp" "${ddir}/hyp.jsonl"
+        merge "${ddir}/hyp.jsonl" cat $(job_files "${ddir}/split${nj}/hyp." .jsonl)
       done
     done
   done
@@ -196,10 +211,11 @@ stage5() {
     for dset in ${test_sets}; do
       for name in ${names}; do
         local ddir=${expdir}/decode_${dset}_${name}
-        local groups=()
-        [ -f "data/${dset}/utt2group" ] && groups=(--utt2group "data/${dset}/utt2group")
+        local opts=()
+        [ -f "data/${dset}/utt2group" ] && opts+=(--utt2group "data/${dset}/utt2group")
+        [ "${allow_missing}" = true ] && opts+=(--allow_missing)
         log "Stage 5: scoring ${ddir}"
-        python -m speechllm.bin.score --ref_jsonl "dump/${dset}/${m}.jsonl" --mode "${name}" "${groups[@]}" \
+        python -m speechllm.bin.score --ref_jsonl "dump/${dset}/${m}.jsonl" --mode "${name}" "${opts[@]}" \
           --hyp_jsonl "${ddir}/hyp.jsonl" --outdir "${ddir}/score" --title "${ddir}" \
           --llm "${llm}" --tag "${tag}" --set "${dset}" --exp_dir "${expdir}"
         ddirs+=("${ddir}")
