@@ -101,6 +101,7 @@ def test_a_non_finite_step_is_skipped_and_counted_and_never_reaches_the_weights(
     trainer = trainer_on(tmp_path, nan_rows={"u3"})
     trainer.train()
     assert trainer.n_nonfinite == 1 and trainer.step == 4
+    assert trainer.scheduler.get_last_lr() == [0.0, 0.0]  # the schedule's end: it counted the skipped step too
     assert all(torch.isfinite(t).all() for t in trained(trainer).values())
     assert "loss or gradient not finite: update skipped (1 so far; rows include" in caplog.text
     assert "u3" in caplog.text.split("update skipped")[1].splitlines()[0]
@@ -213,6 +214,22 @@ def test_writers_of_one_file_never_share_a_temporary_name(tmp_path):
         second.write("second")
     assert target.read_text() == "first"  # the outer block renames last
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temporary file left behind
+
+
+def test_stage_scripts_merge_aside_and_keep_earlier_logs(tmp_path):
+    script = f"""set -e; . {REPO / 'utils' / 'files.sh'}; nj=2
+    echo a > part.1; echo b > part.2
+    merge merged cat $(job_files part. "")
+    echo first > train.log; keep_log train.log; echo second > train.log; keep_log train.log; echo third > train.log
+    merge broken cat part.1 part.3 2> /dev/null || echo refused"""
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "refused\n"  # a missing job's file fails the merge
+    assert (tmp_path / "merged").read_text() == "a\nb\n"
+    logs = {p.name: p.read_text() for p in tmp_path.glob("train.log*")}
+    assert logs == {"train.log.1": "first\n", "train.log.2": "second\n", "train.log": "third\n"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "part.1", "part.2", "train.log", "train.log.1",
+                                                          "train.log.2"]  # nothing half-written left
 
 
 # -- 5. typed configs ------------------------------------------------------------------------------------
