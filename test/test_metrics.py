@@ -94,7 +94,7 @@ def test_docs_tables_are_the_tested_table():
         expected.append((ref, hyp, show(exact), show(partial), why))
     assert _table_rows(REPO / "docs" / "scoring.md") == expected
     readme = _table_rows(REPO / "README.md")
-    assert len(readme) >= 8 and all(row in expected for row in readme)
+    assert len(readme) >= 5 and all(row in expected for row in readme)
 
 
 def test_normalisation():
