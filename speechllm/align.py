@@ -147,17 +147,21 @@ class AdapterAligner(CTCObjective):
     """Trains ``adapter`` (and the head) by CTC alone on (features, transcript) pairs."""
 
     def __init__(self, adapter: FrameStackAdapter, head: CTCEmbeddingHead, tokenizer, lr: float = 1e-3,
-                 batch_size: int = 16, seed: int = 1) -> None:
+                 batch_size: int = 16, seed: int = 1, max_nonfinite_steps: int = 10) -> None:
         super().__init__(adapter, head, tokenizer)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.max_nonfinite_steps = batch_size, seed, max_nonfinite_steps
         log.info("CTC over %d token classes + blank", len(head.vocab))
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr)
 
-    def step(self, examples: list[Example]) -> float:
+    def step(self, examples: list[Example]) -> float | None:
+        """One CTC update; ``None``, and no update, when the loss or the gradient is not finite."""
         loss = self.loss([load_feats(e) for e in examples], [e.text for e in examples])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.optimizer.step()
         return loss.item()
 
@@ -168,27 +172,37 @@ class AdapterAligner(CTCObjective):
         rng = random.Random(f"align-{self.seed}")
         usable = [e for e in train if e.text.strip()]
         history: list[dict] = []
-        start, losses = time.time(), []
+        start, losses, n_nonfinite = time.time(), [], 0
         self.adapter.train()
         for step in tqdm(range(1, steps + 1), desc="align (CTC)", unit="step"):
             batch = rng.sample(usable, k=min(self.batch_size, len(usable)))
-            losses.append(self.step(batch))
+            loss = self.step(batch)
+            if loss is None:
+                n_nonfinite += 1
+                log.warning("align step %d: CTC loss or gradient not finite: update skipped (%d so far; rows "
+                            "include %s)", step, n_nonfinite, ", ".join(e.utt_id for e in batch[:5]))
+                if n_nonfinite > self.max_nonfinite_steps:
+                    raise RuntimeError(f"{n_nonfinite} alignment steps had a non-finite loss or gradient (more than "
+                                       f"max_nonfinite_steps {self.max_nonfinite_steps}): check the features")
+            else:
+                losses.append(loss)
             if step % eval_every == 0 or step == steps:
                 self.adapter.eval()
                 wer, pairs = self.wer(valid, self.batch_size) if valid else (float("nan"), [])
                 self.adapter.train()
                 heard, n_values = values_heard(valid, [hyp for _, hyp in pairs])
-                record = {"step": step, "ctc_loss": sum(losses) / len(losses), "valid_wer": wer,
+                record = {"step": step, "ctc_loss": sum(losses) / len(losses) if losses else None, "valid_wer": wer,
                           "valid_values_heard": heard, "valid_values": n_values, "elapsed_s": time.time() - start}
                 losses = []
                 history.append(record)
                 with open(outdir / f"valid_hyp_step{step}.tsv", "w", encoding="utf-8") as f:
                     f.writelines(f"{e.utt_id}\t{ref}\t{hyp}\n" for e, (ref, hyp) in zip(valid, pairs))
-                log.info("align step %d: CTC loss %.3f, greedy CTC WER %.3f, slot values heard %d of %d "
-                         "(e.g. %r -> %r)", step, record["ctc_loss"], wer, heard, n_values,
+                log.info("align step %d: CTC loss %s, greedy CTC WER %.3f, slot values heard %d of %d "
+                         "(e.g. %r -> %r)", step, "-" if record["ctc_loss"] is None else f"{record['ctc_loss']:.3f}", wer, heard, n_values,
                          *(pairs[0] if pairs else ("", "")))
                 if writer is not None:
-                    writer.add_scalar("align/ctc_loss", record["ctc_loss"], step)
+                    if record["ctc_loss"] is not None:
+                        writer.add_scalar("align/ctc_loss", record["ctc_loss"], step)
                     writer.add_scalar("align/valid_wer", wer, step)
                     writer.add_scalar("align/valid_values_heard", heard / max(n_values, 1), step)
         with open(outdir / "align_log.jsonl", "w", encoding="utf-8") as f:
@@ -211,9 +225,10 @@ def unique_turns(dataset: TokenizedSet | None) -> list[Example]:
 
 
 def run_alignment_phase(model: SpeechLLM, cfg: AlignConfig, train: TokenizedSet, valid: TokenizedSet | None,
-                        outdir: Path, seed: int, world: World, writer=None) -> None:
+                        outdir: Path, seed: int, world: World, writer=None, max_nonfinite_steps: int = 10) -> None:
     """Align ``model``'s adapter (and CTC head) once, on rank 0, into ``outdir/align/``; every rank then
-    loads the result. A finished phase is reloaded, not repeated."""
+    loads the result. A finished phase is reloaded, not repeated; one whose weights are not finite is
+    never saved."""
     done = outdir / "align" / "adapter.pt"
     head_file = done.with_name("ctc_head.pt")
     if world.is_main and not done.exists():
@@ -221,8 +236,13 @@ def run_alignment_phase(model: SpeechLLM, cfg: AlignConfig, train: TokenizedSet,
         head = model.ctc_head  # None unless the LLM reads through it: then it serves this phase only
         if head is None:
             head = new_ctc_head(model, cfg.vocab, [e.text for e in turns])
-        aligner = AdapterAligner(model.adapter, head, model.tokenizer, cfg.lr, cfg.batch_size, seed)
+        aligner = AdapterAligner(model.adapter, head, model.tokenizer, cfg.lr, cfg.batch_size, seed,
+                                 max_nonfinite_steps)
         aligner.run(turns, unique_turns(valid), cfg.steps, done.parent, writer, cfg.eval_every)
+        bad = [n for n, t in [*model.adapter.state_dict().items(), *head.state_dict().items()]
+               if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise RuntimeError(f"the aligned {bad[0]} holds non-finite values: not saved to {done.parent}")
         with atomic_write(head_file, "wb") as f:
             torch.save(head.state_dict(), f)
         with atomic_write(done, "wb") as f:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speechllm.io_utils import temp_path
+from speechllm.io_utils import aside
 
 PATTERN = "step_???????"
 
@@ -43,11 +43,13 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(outdir: Path, step: int, state: dict, keep: int) -> Path:
     """Write ``state`` as step ``step``'s checkpoint and delete all but the newest ``keep``."""
     ckpt = outdir / "checkpoints" / f"step_{step:07d}"
-    tmp = temp_path(ckpt)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
+    for stale in ckpt.parent.glob("*.tmp"):  # left by a run killed while saving (one trainer holds the dir)
+        shutil.rmtree(stale, ignore_errors=True)
+    with aside(ckpt) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp.rename(ckpt)
     for old in sorted((outdir / "checkpoints").glob(PATTERN))[:-keep]:
         shutil.rmtree(old)
     return ckpt

@@ -158,8 +158,8 @@ def check_arks(stamps: dict[str, list[int]], jsonl: str) -> None:
         except OSError:
             stat = None
         if stat is None or [stat.st_size, stat.st_mtime_ns] != stamp:
-            raise InputError(f"{ark} (features of {jsonl}) is {'gone' if stat is None else 'rewritten'} since stage 2 "
-                             "wrote the rows that point into it: stage 1 ran again. Rerun stage 2 (and stage 1 "
+            raise InputError(f"{ark} (features of {jsonl}) is {'gone' if stat is None else 'rewritten'} since the "
+                             "rows that point into it were tokenised: stage 1 ran again. Rerun stage 2 (and stage 1 "
                              "if it did not complete)")
 
 

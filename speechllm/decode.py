@@ -48,6 +48,10 @@ def _generate_batch(model: SpeechLLM, chunk: list[Example], prompts: dict[str, t
     return model.generate(items, max_new_tokens, num_beams)
 
 
+class StaleProgress(ValueError):
+    """The kept batches of an earlier run are not this run's first batches."""
+
+
 def result_row(example: Example, out: Generation) -> dict:
     """One line of ``hyp.jsonl``: the output, its parse, and why it ended."""
     parsed = parse_slots(out.text)
@@ -80,7 +84,7 @@ def decode_examples(model: SpeechLLM, examples: list[Example], batch_size: int =
     rows: dict[str, dict] = {}
     for k, (batch, kept) in enumerate(zip(batches, done)):
         if [e.id for e in batch] != [r["id"] for r in kept]:
-            raise ValueError(f"batch {k} of the earlier run holds other examples than this run's batch {k}")
+            raise StaleProgress(f"batch {k} of the earlier run holds other examples than this run's batch {k}")
         rows.update((r["id"], r) for r in kept)
     start, n_tokens = time.time(), 0
     for batch in tqdm(batches[len(done) :], desc="decode", unit="batch", initial=len(done), total=len(batches)):

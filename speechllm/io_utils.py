@@ -7,9 +7,11 @@ Readers name the file and line of any malformed input.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -27,26 +29,46 @@ def temp_path(path: str | Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def aside(path: str | Path, stale: bool = False) -> Iterator[Path]:
+    """A :func:`temp_path` of ``path`` (a file or a dir) for the block to write and rename into place; it is
+    removed if the block fails. ``stale``: first remove the ones that writers killed mid-write left behind
+    (only where one writer at a time is sure, e.g. under the experiment dir's lock)."""
+    path = Path(path)
+    if stale:
+        for old in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+            _remove(old)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Write to a :func:`temp_path` and rename on success, so readers never see a half-written file."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
+    with aside(path) as tmp:
         with open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else "utf-8") as f:
             yield f
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(line number, line)`` of a UTF-8 text file, newlines stripped; a byte that is not UTF-8
-    raises naming the file, line and column."""
+    """Yield ``(line number, line)`` of a UTF-8 text file, line ends (LF or CRLF) stripped; a byte
+    that is not UTF-8 raises naming the file, line and column."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield lineno, raw.decode("utf-8").rstrip("\n")
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise InputError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
                                  f"{e.start + 1})") from None

@@ -1,15 +1,18 @@
-"""One writer per experiment dir: an advisory ``fcntl`` lock on ``<dir>/.lock``.
+"""One writer per experiment dir: an advisory ``flock(2)`` lock on ``<dir>/.lock``.
 
 Two trainings into one experiment dir would interleave their logs and checkpoints and end with a
 model that neither run trained. The lock file names its holder (process id, host, start time and
 command), so the second run is refused with a message saying who holds the dir. The kernel drops
-the lock when the holder exits, however it exits: a killed run never leaves a stale lock.
+the lock when the holder exits, however it exits: a killed run never leaves a stale lock. On a file
+system without ``flock`` support the run goes on unlocked, with a warning. ``sf.sh`` tests the same
+lock with ``flock(1)`` before it moves an earlier ``train.log`` aside.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import sys
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 from speechllm.io_utils import InputError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 
@@ -35,6 +40,10 @@ def exclusive(directory: Path, what: str = "training") -> Iterator[None]:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
             raise InputError(f"{directory} is in use by {holder}: wait for it to finish, stop it, or "
                              f"run this {what} into another experiment dir (--tag)") from None
+        except OSError as e:  # e.g. a network file system mounted without flock support
+            log.warning("%s cannot be locked (%s): a second %s into it would not be refused", path, e, what)
+            yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, (f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')} "
                        f"({' '.join(sys.argv)})\n").encode(), 0)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speechllm.io_utils import temp_path
+from speechllm.io_utils import aside
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ def ct2_to_whisper(variables: dict[str, np.ndarray]) -> dict:
 
 def convert_ct2_whisper(model_bin: Path, out: Path) -> Path:
     checkpoint = ct2_to_whisper(read_ct2(model_bin))
-    tmp = temp_path(out)
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
+    with aside(out) as tmp:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, out)
     log.info("converted %s -> %s (%s)", model_bin, out, checkpoint["dims"])
     return out
 
@@ -182,11 +182,11 @@ def convert_gguf_llm(gguf: Path, outdir: Path) -> Path:
         del config.quantization_config  # the saved weights are plain float32
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
-    tmp = temp_path(outdir)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(outdir, ignore_errors=True)
-    os.replace(tmp, outdir)
+    with aside(outdir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(outdir, ignore_errors=True)
+        os.replace(tmp, outdir)
     log.info("converted %s -> %s", gguf, outdir)
     return outdir
 

@@ -7,37 +7,55 @@ is the same whatever the number of GPUs.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from speechllm.distributed import World
-from speechllm.io_utils import atomic_write, read_jsonl
+from speechllm.io_utils import atomic_write
+
+log = logging.getLogger(__name__)
 
 SCALARS = {"loss": "train/loss", "ctc_loss": "train/ctc_loss", "lr": "train/lr", "valid_loss": "valid/loss"}
 
 
-def cut_back(path: Path, step: int) -> None:
+def cut_back(path: Path, step: int, redo_epoch_end: bool = False) -> None:
     """Drop the records after ``step`` (the checkpoint a run resumes from): a killed run's steps past its
-    last checkpoint are trained again, and would otherwise be logged twice."""
+    last checkpoint are trained again, and would otherwise be logged twice. ``redo_epoch_end``: the
+    checkpoint closed an epoch whose validation the resumed run does again, so its record goes too.
+    A line cut short by the kill is dropped with a warning."""
     if not path.exists():
         return
-    rows = [row for _, row in read_jsonl(path)]
-    kept = [row for row in rows if row.get("step", 0) <= step]
-    if len(kept) < len(rows):
-        with atomic_write(path) as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    kept, n_bad = [], 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+            at = row.get("step", 0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            n_bad += 1
+            continue
+        if at < step or (at == step and not (redo_epoch_end and "valid_loss" in row)):
+            kept.append(line)
+    if n_bad:
+        log.warning("%s: %d malformed lines dropped (written when the run was killed?)", path, n_bad)
+    if len(kept) < len(lines):
+        with atomic_write(path, "wb") as f:
+            f.writelines(line + b"\n" for line in kept)
 
 
 class RunLog:
-    def __init__(self, outdir: Path, world: World, with_ctc: bool = False, step: int = 0) -> None:
-        """``with_ctc``: training adds an auxiliary CTC loss, reported beside the LLM's. ``step``: the step the
-        run starts from; the records of ``train_log.jsonl`` and ``curve.jsonl`` after it are dropped."""
+    def __init__(self, outdir: Path, world: World, with_ctc: bool = False, step: int = 0,
+                 redo_epoch_end: bool = False) -> None:
+        """``with_ctc``: training adds an auxiliary CTC loss, reported beside the LLM's. ``step`` and
+        ``redo_epoch_end``: where the run starts; what ``train_log.jsonl`` and ``curve.jsonl`` hold after
+        it is dropped (:func:`cut_back`)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.path, self.world, self.with_ctc = outdir / "train_log.jsonl", world, with_ctc
         self.writer = SummaryWriter(str(outdir / "tensorboard")) if world.is_main else None
         if world.is_main:
             for path in (self.path, outdir / "curve.jsonl"):
-                cut_back(path, step)
+                cut_back(path, step, redo_epoch_end)
         self.loss = self.ctc_loss = 0.0
         self.steps = 0
 

@@ -157,17 +157,20 @@ class Trainer:
                                f"{self.train_set.meta['source']} and the learning rate")
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def trainable_weights(self) -> dict[str, torch.Tensor]:
-        """The trained tensors, refused if any holds a NaN or an infinity: such weights are never saved."""
-        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-        bad = [n for n, t in trainable.items() if not torch.isfinite(t).all()]
+    def check_weights(self) -> None:
+        """Refuse trained tensors that hold a NaN or an infinity: such weights are never saved."""
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if bad:
             raise RuntimeError(f"step {self.step}: {len(bad)} trained tensors hold non-finite values (first: "
                                f"{bad[0]}): not saved; the last checkpoint in {self.outdir / 'checkpoints'} is kept")
-        return trainable
 
     def save_checkpoint(self, stopped_idle: bool = False) -> None:
-        trainable = self.trainable_weights()
+        """Call on every rank: each checks the weights (the same on every rank, so all stop together, where
+        a check on rank 0 alone would leave the others waiting in a collective); rank 0 writes."""
+        self.check_weights()
+        if not self.world.is_main:
+            return
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
         # the batch position only means something for the same global batch and accumulation
         position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "global_batch": self.global_batch, "grad_accum": self.cfg.grad_accum,
@@ -206,10 +209,9 @@ class Trainer:
         if idle and self.stopped_idle_before:
             raise RuntimeError(f"two jobs in a row reached their time limit before a training step (at step "
                                f"{self.step}): give the job more time than one step and a checkpoint")
-        if self.world.is_main:
-            self.save_checkpoint(stopped_idle=idle)
-            if self.resume_flag is not None:
-                self.resume_flag.touch()
+        self.save_checkpoint(stopped_idle=idle)
+        if self.world.is_main and self.resume_flag is not None:
+            self.resume_flag.touch()
         run_log.close()
         self.world.barrier()
         log.warning("stopping at step %d of %d before the job's time limit; the checkpoint is saved: "
@@ -220,7 +222,10 @@ class Trainer:
     def train(self) -> None:
         cfg, world, main = self.cfg, self.world, self.world.is_main
         self.maybe_resume()
-        run_log = RunLog(self.outdir, world, with_ctc=self.ctc is not None, step=self.step)
+        # a checkpoint at the end of an epoch resumes with that epoch's validation
+        redo_epoch_end = 0 < self.step < self.total_steps and self.batch_in_epoch >= len(self.epoch_batches())
+        run_log = RunLog(self.outdir, world, with_ctc=self.ctc is not None, step=self.step,
+                         redo_epoch_end=redo_epoch_end)
         self.budget = budget = Budget(cfg.max_minutes, world, self.train_s_before)
         curve = None
         if cfg.eval_every and main:
@@ -229,7 +234,7 @@ class Trainer:
         # the alignment phase, once, before the first step (a text-only model has no adapter to align)
         if cfg.align.steps > 0 and self.step == 0 and self.model.adapter is not None:
             run_alignment_phase(self.model, cfg.align, self.train_set, self.valid_set, self.outdir, cfg.seed,
-                                world, run_log)
+                                world, run_log, cfg.max_nonfinite_steps)
         self.model.train()
         log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d = %d x %d x %d processes",
                  len(self.train_set), self.total_steps, self.steps_per_epoch,
@@ -259,7 +264,7 @@ class Trainer:
                                     "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": budget.train_seconds()})
                     if "loss" in losses:
                         bar.set_postfix(loss=f"{losses['loss']:.3f}")
-                if self.step % cfg.save_every == 0 and main:
+                if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
                 out_of_time = budget.spent()
                 # a learning-curve point, its time not counted as training (the other ranks wait)
@@ -281,8 +286,8 @@ class Trainer:
                      budget.train_seconds() / 60, cfg.max_minutes, self.step, self.total_steps)
         # the final checkpoint and model, and the loss plot
         run_log.close()
+        self.save_checkpoint()
         if main:
-            self.save_checkpoint()
             save_model(self.model, self.spec, self.outdir / "model", self.base_path)
             plot_losses(self.outdir / "train_log.jsonl", self.outdir / "loss.png")
         world.barrier()

@@ -31,6 +31,7 @@ import speechllm.decode
 from speechllm.bin import decode as decode_bin
 from speechllm.bin import dump_feats
 from speechllm.bin import train as train_bin
+from speechllm.align import AlignConfig
 from speechllm.bin.score import score_files
 from speechllm.data import TokenizedSet, tokenized
 from speechllm.formatting import build_examples
@@ -48,8 +49,10 @@ ROWS = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind the slots.", "target": '{"a
         for i in range(8)]
 
 
-def trainer_on(tmp_path: Path, nan_rows: set[str] = frozenset(), **cfg) -> Trainer:
-    """A tiny model's trainer on ``ROWS``, the features of ``nan_rows`` all NaN."""
+def trainer_on(tmp_path: Path, nan_rows: set[str] = frozenset(), valid: bool = False, **cfg) -> Trainer:
+    """A tiny model's trainer on ``ROWS``, the features of ``nan_rows`` all NaN; ``valid``: the rows are
+    the validation set too."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     jsonl = write_examples(tmp_path, [dict(r) for r in ROWS])
     if nan_rows:  # the same shapes, so the rows' ark offsets stay right
         feats = dict(kaldiio.load_scp(str(tmp_path / "feats.scp")))
@@ -61,7 +64,8 @@ def trainer_on(tmp_path: Path, nan_rows: set[str] = frozenset(), **cfg) -> Train
     config = TrainConfig(**{"batch_size": 2, "grad_accum": 1, "max_steps": 4, "lr": 2e-3, "adapter_hidden": 32,
                             "log_every": 1, "save_every": 100, "seed": 5, **cfg})
     exp = tmp_path / "exp"
-    return Trainer(model, spec, config, tokenized(model, jsonl, exp / "tokens"), None, exp, base)
+    train = tokenized(model, jsonl, exp / "tokens")
+    return Trainer(model, spec, config, train, train if valid else None, exp, base)
 
 
 def trained(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -119,6 +123,18 @@ def test_many_non_finite_steps_stop_the_run_with_an_error(tmp_path):
     assert not (tmp_path / "exp" / "model").exists()
 
 
+def test_the_alignment_phase_skips_non_finite_steps_too(tmp_path, caplog):
+    align = AlignConfig(steps=6, batch_size=4, eval_every=100)
+    trainer = trainer_on(tmp_path, nan_rows={"u3"}, align=align, max_steps=1)
+    trainer.train()
+    assert "CTC loss or gradient not finite: update skipped" in caplog.text
+    saved = torch.load(tmp_path / "exp" / "align" / "adapter.pt")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    with pytest.raises(RuntimeError, match="3 alignment steps had a non-finite loss or gradient"):
+        trainer_on(tmp_path / "all", nan_rows={f"u{i}" for i in range(8)}, align=align, max_nonfinite_steps=2).train()
+    assert not (tmp_path / "all" / "exp" / "align" / "adapter.pt").exists()
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     trainer = trainer_on(tmp_path)
     name, param = next((n, p) for n, p in trainer.model.named_parameters() if p.requires_grad)
@@ -137,9 +153,11 @@ def test_a_stage1_that_does_not_complete_leaves_no_feats_scp_and_stage2_refuses(
         (recipe / "data" / dset / "wav.scp").write_text("")
         (recipe / "dump" / dset).mkdir(parents=True)
         (recipe / "dump" / dset / "feats.scp").write_text("old dump/train/split2/feats.1.ark:7\n")  # an old run's
+        (recipe / "dump" / dset / "regular.jsonl").write_text("{}\n")  # and its stage 2's
     proc = run(recipe, "--preset", "mini", "--stage", "1", "--stop_stage", "1", "--whisper", "missing.yaml")
     assert proc.returncode != 0
     assert not (recipe / "dump" / "train" / "feats.scp").exists()
+    assert not (recipe / "dump" / "train" / "regular.jsonl").exists()  # its rows pointed into the old arks
     proc = run(recipe, "--preset", "mini", "--stage", "2", "--stop_stage", "2")
     assert proc.returncode != 0
     assert "dump/train/feats.scp missing: stage 1 has not completed for data/train (run it)" in proc.stderr
@@ -151,10 +169,10 @@ def test_training_refuses_rows_whose_features_were_rewritten_after_stage2(tmp_pa
     tokenized(model, jsonl, tmp_path / "tokens")
     ark = tmp_path / "feats.ark"
     ark.write_bytes(ark.read_bytes()[:100])  # stage 1 ran again and was killed
-    with pytest.raises(InputError, match=rf"{ark} \(features of .*examples.jsonl\) is rewritten since stage 2"):
+    with pytest.raises(InputError, match=rf"{ark} \(features of .*examples.jsonl\) is rewritten since the rows"):
         TokenizedSet(tmp_path / "tokens")
     ark.unlink()
-    with pytest.raises(InputError, match=r"feats.ark \(features of .*examples.jsonl\) is gone since stage 2"):
+    with pytest.raises(InputError, match=r"feats.ark \(features of .*examples.jsonl\) is gone since the rows"):
         TokenizedSet(tmp_path / "tokens")
 
 
@@ -187,14 +205,20 @@ def test_stage5_refuses_a_partial_decode_unless_allowed(tmp_path):
 
 
 # -- 4. one training per experiment dir ------------------------------------------------------------------
-def test_a_second_training_into_a_held_exp_dir_is_refused_naming_the_holder(tmp_path):
-    exp = tmp_path / "exp"
+def hold(exp: Path) -> subprocess.Popen:
+    """A process that holds ``exp``'s lock until it is killed."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
                                "from speechllm.lock import exclusive\nwith exclusive(Path(sys.argv[1])):\n"
-                               "    print('held', flush=True); time.sleep(60)", str(exp)],
+                               "    print('held', flush=True); time.sleep(120)", str(exp)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_training_into_a_held_exp_dir_is_refused_naming_the_holder(tmp_path):
+    exp = tmp_path / "exp"
+    holder = hold(exp)
     try:
-        assert holder.stdout.readline() == "held\n"
         with pytest.raises(InputError, match=rf"{exp} is in use by PID {holder.pid} on .* since .*: wait for it"):
             train_bin.main(["--train_jsonl", str(tmp_path / "train.jsonl"), "--train_config",
                             str(RECIPE / "conf" / "train_mini.yaml"), "--llm_config",
@@ -205,6 +229,22 @@ def test_a_second_training_into_a_held_exp_dir_is_refused_naming_the_holder(tmp_
         holder.wait()
     with exclusive(exp):  # the kernel released the killed holder's lock
         pass
+
+
+def test_stage3_leaves_the_log_of_a_running_training_alone(tmp_path):
+    recipe = copy_recipe(tmp_path)
+    exp = recipe / "exp" / "tiny_llama_regular"
+    exp.mkdir(parents=True)
+    (exp / "train.log").write_text("the running training's log\n")
+    holder = hold(exp)
+    try:
+        proc = run(recipe, "--preset", "mini", "--stage", "3", "--stop_stage", "3", "--mode", "regular")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0 and f"Error: exp/tiny_llama_regular is in use by PID {holder.pid}" in proc.stdout
+    assert sorted(p.name for p in exp.iterdir()) == [".lock", "train.log"]  # nothing moved aside or written
+    assert (exp / "train.log").read_text() == "the running training's log\n"
 
 
 def test_writers_of_one_file_never_share_a_temporary_name(tmp_path):
@@ -256,6 +296,12 @@ def test_a_byte_that_is_not_utf8_is_named_by_file_line_and_column(tmp_path):
         read_kaldi_map(text)
 
 
+def test_windows_line_ends_are_line_ends(tmp_path):
+    text = tmp_path / "text"
+    text.write_bytes(b"u1 hello\r\nu2\r\n")  # text_asr: an empty transcript is a key alone
+    assert read_kaldi_map(text, allow_empty_value=True) == {"u1": "hello", "u2": ""}
+
+
 def test_a_truncated_json_file_is_named_by_file_and_line(tmp_path):
     inventory = tmp_path / "slot_inventory.json"
     inventory.write_text('{\n "amount": "the amount",\n "name": "the na')
@@ -280,12 +326,15 @@ def test_a_malformed_hypothesis_line_counts_as_unparseable_and_is_named(tmp_path
     assert f"{hyp}:2: {problem}" in caplog.text and "u1 counted as unparseable" in caplog.text
 
 
-def test_a_hypothesis_line_without_a_readable_id_is_left_out_and_named(tmp_path, caplog):
+@pytest.mark.parametrize(("line", "problem"), [('{"id": 1, "slots": {}}', "'id' must be a string, got 1"),
+                                               ('{"id": "u1\\u12", "slots": {', "not a JSON object")],
+                         ids=["a number", "a cut escape"])
+def test_a_hypothesis_line_without_a_readable_id_is_left_out_and_named(tmp_path, caplog, line, problem):
     ref = refs_file(tmp_path, 2)
-    hyp = hyp_file(tmp_path, [json.dumps({"id": "u0", "slots": {}}), json.dumps({"id": 1, "slots": {}})])
+    hyp = hyp_file(tmp_path, [json.dumps({"id": "u0", "slots": {}}), line])
     with pytest.raises(InputError, match="has no hypothesis for 1 of the 2"):
         score_files(ref, hyp)
-    assert f"{hyp}:2: 'id' must be a string, got 1: no id to count it for, left out" in caplog.text
+    assert f"{hyp}:2: {problem}: no id to count it for, left out" in caplog.text
 
 
 def test_a_duplicated_hypothesis_id_is_an_error(tmp_path):
@@ -342,13 +391,22 @@ def test_the_first_pair_to_open_is_found_inside_unclosed_braces():
 # -- 9. options that would run nothing -------------------------------------------------------------------
 @pytest.mark.parametrize(("flag", "value", "kind"), [("--stage", "three", "an integer"),
                                                      ("--query_prob", "half", "a number"),
-                                                     ("--asr", "yes", "true or false")])
+                                                     ("--asr", "yes", "true or false"),
+                                                     ("--nj", "two", "an integer")])
 def test_a_flag_value_of_the_wrong_kind_stops_the_run(tmp_path, flag, value, kind):
     recipe = copy_recipe(tmp_path)
-    proc = run(recipe, flag, value)
+    proc = run(recipe, "--preset", "mini", "--stage", "1", flag, value)  # a preset or an earlier flag changes no kind
     assert proc.returncode != 0
     assert f"./sf.sh: {flag} takes {kind}, got '{value}'" in proc.stderr
     assert "Stage " not in proc.stdout and not (recipe / "data").exists()
+
+
+def test_a_flag_takes_the_kind_of_the_script_s_default_not_the_preset_s(tmp_path):
+    recipe = copy_recipe(tmp_path)
+    (recipe / "conf" / "preset" / "always_query.sh").write_text("query_prob=1\n")  # an integer over a number
+    proc = run(recipe, "--preset", "always_query", "--query_prob", "0.25", "--stage", "6")  # stage 6: none
+    assert proc.returncode == 0, proc.stderr
+    assert "Successfully finished." in proc.stdout
 
 
 # -- 10. initialisation that does not depend on what is cached -------------------------------------------
@@ -405,11 +463,16 @@ def test_a_killed_training_resumes_with_its_log_cut_back_to_the_checkpoint(tmp_p
 
     monkeypatch.setattr(Trainer, "train_step", dies_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        trainer_on(tmp_path, max_steps=8, save_every=4).train()
+        trainer_on(tmp_path, valid=True, max_steps=8, save_every=4).train()
+    log = tmp_path / "exp" / "train_log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 6, "lo')  # killed while writing
     monkeypatch.setattr(Trainer, "train_step", step)
-    trainer_on(tmp_path, max_steps=8, save_every=4).train()
-    steps = [json.loads(line)["step"] for line in (tmp_path / "exp" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))
+    trainer_on(tmp_path, valid=True, max_steps=8, save_every=4).train()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    # the checkpoint of step 4 closed the first epoch: its validation is logged once, by the resumed run
+    assert [(r["step"], "valid_loss" in r) for r in rows] == [(s, False) for s in range(1, 5)] + [(4, True)] + [
+        (s, False) for s in range(5, 9)] + [(8, True)]
 
 
 # -- 12. no validation set: no validation record ---------------------------------------------------------
@@ -445,15 +508,14 @@ def decode(model_dir: Path, jsonl: Path, output: Path) -> None:
                      "2", "--device", "cpu"])
 
 
-@pytest.mark.parametrize("seed", [3, 4, 5])
+@pytest.mark.parametrize("seed", [14, 7, 5, 0])  # killed after 0, 2, 4 and 6 of the 7 batches
 def test_a_decode_killed_at_a_random_point_and_rerun_equals_an_uninterrupted_one(decode_job, tmp_path, monkeypatch,
                                                                                  seed, caplog):
     model_dir, jsonl = decode_job
     monkeypatch.setattr(decode_bin, "setup_logging", lambda: None)
     decode(model_dir, jsonl, tmp_path / "uninterrupted.jsonl")
-    assert not Path(f"{tmp_path / 'uninterrupted.jsonl'}.partial").exists()
 
-    kept = random.Random(seed).randint(1, 6)  # whole batches written before the kill
+    kept = random.Random(seed).randint(0, 6)  # whole batches written before the kill
     kill_at, generated, real = kept, [], speechllm.decode._generate_batch
 
     def generate(model, chunk, *args):
@@ -466,7 +528,7 @@ def test_a_decode_killed_at_a_random_point_and_rerun_equals_an_uninterrupted_one
     output = tmp_path / "hyp.jsonl"
     with pytest.raises(Killed):
         decode(model_dir, jsonl, output)
-    assert not output.exists()
+    assert not output.exists()  # hyp.jsonl appears only when every batch is done
     partial = Path(f"{output}.partial")
     with open(partial, "a") as f:
         f.write('[{"id": "v0')  # killed while writing the next batch
@@ -477,4 +539,6 @@ def test_a_decode_killed_at_a_random_point_and_rerun_equals_an_uninterrupted_one
     assert f"resuming: {kept} batches ({2 * kept} examples) already decoded" in caplog.text
     assert len(generated) == 7 - kept  # the kept batches were not generated again
     assert output.read_bytes() == (tmp_path / "uninterrupted.jsonl").read_bytes()
-    assert not partial.exists()
+    generated.clear()
+    decode(model_dir, jsonl, output)  # a completed job run again decodes nothing
+    assert generated == [] and output.read_bytes() == (tmp_path / "uninterrupted.jsonl").read_bytes()

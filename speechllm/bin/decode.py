@@ -9,7 +9,8 @@ on (the model dir's and the JSONL file's size and modification time, the share, 
 cap, the beams, the device type). A rerun with the same settings keeps the whole batches, drops an
 unfinished last line and decodes the rest in the same batches, so the output is that of an
 uninterrupted run; any other setting starts over with a warning. The output is written (atomically)
-only when every example is decoded, and the partial file is then removed.
+only when every example is decoded; the partial file stays beside it, so that a job run again after
+it completed decodes nothing.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from speechllm.data import read_examples
-from speechllm.decode import CAP_MARGIN, CAP_SCALE, decode_examples, new_token_cap
+from speechllm.data import Example, read_examples
+from speechllm.decode import CAP_MARGIN, CAP_SCALE, StaleProgress, decode_examples, new_token_cap
 from speechllm.formatting import DECODES
 from speechllm.io_utils import atomic_write
 from speechllm.jobs import job_slice
 from speechllm.logging_utils import setup_logging
 from speechllm.model.builder import SPEC_FILE, load_model, read_spec
+from speechllm.model.speechllm import SpeechLLM
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,19 @@ def batches_to_keep(partial: Path, settings: dict) -> list[list[dict]]:
         return []
     log.info("resuming: %d batches (%d examples) already decoded in %s", len(done), sum(map(len, done)), partial)
     return done
+
+
+def decode_saving_batches(model: SpeechLLM, examples: list[Example], args: argparse.Namespace, max_new_tokens: int,
+                          partial: Path, settings: dict, done: list[list[dict]]) -> list[dict]:
+    """Decode after the ``done`` batches, appending each new batch to ``partial`` as it finishes."""
+    with atomic_write(partial) as f:  # the settings and the kept batches, without an unfinished line
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in [settings, *done])
+    with open(partial, "a", encoding="utf-8") as progress:
+        def save(rows: list[dict]) -> None:
+            progress.write(json.dumps(rows, ensure_ascii=False) + "\n")
+            progress.flush()
+
+        return decode_examples(model, examples, args.batch_size, max_new_tokens, args.num_beams, done, save)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,19 +107,15 @@ def main(argv: list[str] | None = None) -> None:
                 "num_beams": args.num_beams, "device": torch.device(args.device).type}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{args.output}.partial")
-    done = batches_to_keep(partial, settings)
-    with atomic_write(partial) as f:  # the settings and the kept batches, without an unfinished line
-        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in [settings, *done])
     model = load_model(args.model_dir, args.device)
-    with open(partial, "a", encoding="utf-8") as progress:
-        def save(rows: list[dict]) -> None:
-            progress.write(json.dumps(rows, ensure_ascii=False) + "\n")
-            progress.flush()
-
-        results = decode_examples(model, mine, args.batch_size, max_new_tokens, args.num_beams, done, save)
+    done = batches_to_keep(partial, settings)
+    try:
+        results = decode_saving_batches(model, mine, args, max_new_tokens, partial, settings, done)
+    except StaleProgress as e:
+        log.warning("%s: %s: decoding from the start", partial, e)
+        results = decode_saving_batches(model, mine, args, max_new_tokens, partial, settings, [])
     with atomic_write(args.output) as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-    partial.unlink()
 
 
 if __name__ == "__main__":

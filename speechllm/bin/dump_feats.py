@@ -247,9 +247,13 @@ def main(argv: list[str] | None = None) -> None:
             for key in todo:
                 record = {"key": key, "wav": wav_scp[key], "wav_stamp": wav_stamp(wav_scp[key])}
                 audio, reason = audios[key]
-                feats = None if audio is None else encode_audio(model, audio, cfg.pad_30s).astype(dtype)
+                feats = None if audio is None else encode_audio(model, audio, cfg.pad_30s)
                 if feats is not None and not np.isfinite(feats).all():
                     reason = "not finite (the encoder's output)"
+                elif feats is not None:
+                    feats = feats.astype(dtype)
+                    if not np.isfinite(feats).all():
+                        reason = f"not finite as {args.feats_dtype} (an encoder output beyond its range)"
                 if reason is not None:
                     log.warning("skipping %s (%s): %s", key, wav_scp[key], reason)
                     record["skipped"] = reason

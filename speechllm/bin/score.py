@@ -51,7 +51,10 @@ def _hypothesis(raw: bytes) -> tuple[str | None, Hypothesis, str | None]:
         row = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         match = _ID_RE.search(raw)
-        utt = json.loads(b'"' + match.group(1) + b'"') if match else None
+        try:
+            utt = json.loads(b'"' + match.group(1) + b'"') if match else None
+        except (json.JSONDecodeError, UnicodeDecodeError):  # the id itself is broken
+            utt = None
         return utt, Hypothesis({}, False), "not a JSON object"
     if not isinstance(row, dict):
         return None, Hypothesis({}, False), "not a JSON object"

@@ -21,7 +21,7 @@ import yaml
 from peft import PeftModel
 
 from speechllm.config import from_dict
-from speechllm.io_utils import temp_path
+from speechllm.io_utils import aside, temp_path
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead
 from speechllm.model.llm import LLMConfig, PromptFormatter, add_lora, build_tiny, load_llm
@@ -82,26 +82,27 @@ def new_adapter(spec: ModelSpec, llm) -> FrameStackAdapter | None:
 
 
 def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path: str | Path | None) -> None:
-    """Write a model dir; the directory appears complete or not at all (written aside, then renamed)."""
+    """Write a model dir; the directory appears complete or not at all (written aside, then renamed).
+    Training calls it under the experiment dir's lock, so what a killed save left aside is removed."""
     outdir = Path(outdir)
-    tmp = temp_path(outdir)
-    tmp.mkdir(parents=True)
-    if model.adapter is not None:
-        torch.save(model.adapter.state_dict(), tmp / "adapter.pt")
-    if model.ctc_head is not None:
-        torch.save(model.ctc_head.state_dict(), tmp / "ctc_head.pt")
-    model.llm.save_pretrained(tmp / "lora")
-    data = dataclasses.asdict(spec)
-    if base_path is not None:
-        data["base_llm"] = os.path.relpath(Path(base_path).resolve(), outdir.resolve())
-    (tmp / SPEC_FILE).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    if outdir.exists():
-        old = temp_path(outdir)
-        os.replace(outdir, old)
-        os.replace(tmp, outdir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, outdir)
+    with aside(outdir, stale=True) as tmp:
+        tmp.mkdir(parents=True)
+        if model.adapter is not None:
+            torch.save(model.adapter.state_dict(), tmp / "adapter.pt")
+        if model.ctc_head is not None:
+            torch.save(model.ctc_head.state_dict(), tmp / "ctc_head.pt")
+        model.llm.save_pretrained(tmp / "lora")
+        data = dataclasses.asdict(spec)
+        if base_path is not None:
+            data["base_llm"] = os.path.relpath(Path(base_path).resolve(), outdir.resolve())
+        (tmp / SPEC_FILE).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        if outdir.exists():
+            old = temp_path(outdir)
+            os.replace(outdir, old)
+            os.replace(tmp, outdir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, outdir)
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:

@@ -21,6 +21,7 @@ train_steps=8
 startup_rows=100000  # generated rows of the start-up section (several: "1000 100000")
 sections="machine stage1 training decoding memory startup"
 outdir=exp/bench
+__po_free="startup_rows"  # a list, though its default looks like one integer
 help_message="Usage: $0 [--option value ...]. Options and their defaults:
 $(sed -n '/^preset=/,/^outdir=/p' "$0")"
 

@@ -106,9 +106,10 @@ stage1() {
     log "Stage 1: Whisper (${whisper}) features$([ "${asr}" = true ] && echo " and ASR") of data/${dset}" \
       "in ${nj} jobs -> dump/${dset}"
     local split=dump/${dset}/split${nj} out=dump/${dset}  # a job run again skips the turns it has (see dump_feats.py)
-    # the set's merged files go first and feats.scp comes back last: a stage 1 that does not complete
-    # leaves no feats.scp, which stage 2 refuses, rather than one pointing into arks being rewritten
-    rm -f "${out}/feats.scp" "${out}/text_asr" "${out}/utt2num_frames" "${out}/skipped" "${out}/whisper"
+    # the set's merged files go first, and stage 2's (their rows point into the arks), and feats.scp
+    # comes back last: a stage 1 that does not complete leaves no feats.scp, which stage 2 refuses
+    rm -f "${out}/feats.scp" "${out}/text_asr" "${out}/utt2num_frames" "${out}/skipped" "${out}/whisper" \
+      "${out}"/*.jsonl "${out}/dropped"
     ${feats_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
       python -m speechllm.bin.dump_feats --data_dir "data/${dset}" --outdir "${split}" \
       --whisper "${whisper}" --asr "${asr}" --asr_pack "${asr_pack}" --asr_chunk "${asr_chunk}" \
@@ -149,6 +150,11 @@ stage3() {
     expdir=$(expdir_of "${m}")
     log "Stage 3: training ${llm} (${m}) -> ${expdir}"
     mkdir -p "${expdir}"
+    # a training that holds the dir (bin/train.py's lock) keeps its log: refuse before moving it aside
+    if command -v flock > /dev/null && [ -f "${expdir}/.lock" ] && ! flock -n "${expdir}/.lock" true; then
+      log "Error: ${expdir} is in use by $(cat "${expdir}/.lock"): wait for it, stop it, or use another --tag"
+      exit 1
+    fi
     keep_log "${expdir}/train.log"
     # bin/train.py writes the resolved configs into the exp dir (train.yaml, llm.yaml) and takes the
     # Whisper of the features from stage 1's dump/<set>/whisper
@@ -173,7 +179,7 @@ stage4() {
         local ddir=${expdir}/decode_${dset}_${name}
         log "Stage 4: decoding dump/${dset}/${m}.jsonl (${name}) in ${nj} jobs -> ${ddir}"
         # a decode that does not complete leaves no hyp.jsonl; a job run again resumes at its last whole batch
-        rm -f "${ddir}/hyp.jsonl"
+        rm -rf "${ddir}/hyp.jsonl" "${ddir}/score"
         ${decode_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${ddir}/split${nj}/log/decode.JOB.log" \
           python -m speechllm.bin.decode --model_dir "${expdir}/model" --jsonl "dump/${dset}/${m}.jsonl" \
           --mode "${name}" --output "${ddir}/split${nj}/hyp.JOB.jsonl" --job JOB --nj "${nj}" \
