@@ -6,7 +6,8 @@ depend on order or parallelism, and the regular and reasoning examples share one
 * context: the previous T turns of the call, T ~ U{0..3} capped at the turns available, taken from
   Whisper's hypotheses (default) or the reference text;
 * query (probability ``query_prob``): the turn's gold labels plus S ~ U{1..5} distractor labels from
-  the slot inventory, shuffled; the target then lists every queried label, ``'None'`` when absent;
+  the slot inventory, shuffled in the prompt; the target lists every queried label, ``'None'`` when
+  absent, gold labels first as in the paper's Figure 3 (``label_order="prompt"``: the prompt's order);
 * a template drawn from the 10 of its case (:mod:`speechllm.prompts`).
 
 The reasoning trace explains each gold label by its description: the utterance's own (the
@@ -79,20 +80,31 @@ def conversation_order(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
     return history
 
 
+LABEL_ORDERS = ("gold_first", "prompt")
+
+
 def draw_prompt(rng: Random, history_text: list[str], gold: Slots, inventory: list[str],
-                query_prob: float, max_context: int = 3, max_distractors: int = 5) -> Draw:
+                query_prob: float, max_context: int = 3, max_distractors: int = 5,
+                label_order: str = "gold_first") -> Draw:
+    """The prompt of one turn and the labels it queries, in the order the target lists them: the gold
+    labels then the distractors (Figure 3), or with ``label_order="prompt"`` the prompt's shuffled order."""
+    if label_order not in LABEL_ORDERS:
+        raise ValueError(f"label_order must be one of {LABEL_ORDERS}, not {label_order!r}")
     n_context = min(rng.randint(0, max_context), len(history_text))
     context = history_text[len(history_text) - n_context :] if n_context else []
-    queried = None
+    queried = shown = None
     if rng.random() < query_prob:
         candidates = [label for label in inventory if label not in gold]
         distractors = rng.sample(candidates, k=min(rng.randint(1, max_distractors), len(candidates)))
-        queried = list(gold) + distractors
-        rng.shuffle(queried)
-        queried = tuple(queried)
+        queried = (*gold, *distractors)
+        shown = list(queried)
+        rng.shuffle(shown)
+        shown = tuple(shown)
+        if label_order == "prompt":
+            queried = shown
     template = rng.choice(prompts.TEMPLATES[(bool(context), queried is not None)])
     prompt = template.format(audio=prompts.AUDIO, context="\n".join(f"- {t}" for t in context),
-                             labels=", ".join(queried or ()))
+                             labels=", ".join(shown or ()))
     return Draw(prompt, queried)
 
 
@@ -161,7 +173,7 @@ def dropped_utterances(utts: list[str], feats: dict[str, str], slots: dict[str, 
 
 
 def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: float = 0.5,
-                   context_source: str = "asr") -> dict[str, list[dict]]:
+                   context_source: str = "asr", label_order: str = "gold_first") -> dict[str, list[dict]]:
     """Examples of every mode for one data dir, keyed by mode."""
     if not (dump_dir / "feats.scp").exists():
         raise InputError(f"{dump_dir / 'feats.scp'} missing: stage 1 has not completed for {data_dir} (run it)")
@@ -209,7 +221,7 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
         gold = filled_slots(gold_all[utt])
         rng = Random(f"format-{seed}-{utt}")
         draw = draw_prompt(rng, [context_text.get(u, "") for u in history.get(utt, [])], gold, inventory,
-                           query_prob)
+                           query_prob, label_order=label_order)
         base = {"utt_id": utt, "feats": feats[utt], "n_frames": int(num_frames.get(utt, 0)), "text": text[utt],
                 "queried": draw.queried,
                 "slots": target_slots(gold, draw.queried)}

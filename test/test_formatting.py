@@ -135,3 +135,29 @@ def test_a_slot_value_of_the_wrong_type_names_file_line_and_label(tmp_path):
         f.write(json.dumps({"utt_id": "x", "slots": {"amount": 30}}) + "\n")
     with pytest.raises(InputError, match=rf"{re.escape(str(data / 'slots.jsonl'))}:7: the value of 'amount' must be"):
         build_examples(data, dump)
+
+
+def test_targets_list_gold_labels_first_and_only_the_prompt_is_shuffled(tmp_path):
+    gold = {"label_7": "x", "label_3": "y"}
+    differ = 0
+    for seed in range(40):
+        figure3 = draw_prompt(Random(seed), [], gold, INVENTORY, 1.0)
+        as_shown = draw_prompt(Random(seed), [], gold, INVENTORY, 1.0, label_order="prompt")
+        assert figure3.prompt == as_shown.prompt  # the same draws: only the target's order differs
+        assert ", ".join(as_shown.queried) in as_shown.prompt  # "prompt": the order the prompt lists
+        assert figure3.queried[:2] == ("label_7", "label_3")  # gold first, in the reference's order
+        assert sorted(figure3.queried) == sorted(as_shown.queried)
+        differ += figure3.queried != as_shown.queried
+    assert differ > 30  # the prompt's order is shuffled, the target's is not
+    with pytest.raises(ValueError, match="label_order must be one of"):
+        draw_prompt(Random(0), [], gold, INVENTORY, 1.0, label_order="sorted")
+    # in the rows: the regular JSON, the trace's label list and the reasoning answer follow that order
+    data, dump, utts = _data_dir(tmp_path)
+    rows = build_examples(data, dump, query_prob=1.0)
+    for reg, rea in zip(rows["regular"], rows["reasoning"]):
+        queried = list(reg["queried"])
+        filled = [k for k, v in reg["slots"].items() if v != "None"]
+        assert queried[: len(filled)] == filled and len(queried) > len(filled)
+        assert list(json.loads(reg["target"])) == queried
+        assert f"The labels queried for are {', '.join(reg['queried'])}." in rea["target"]
+        assert list(parse_slots(rea["target"]).slots) == queried

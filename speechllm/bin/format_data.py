@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from speechllm.formatting import build_examples, write_examples
+from speechllm.formatting import LABEL_ORDERS, build_examples, write_examples
 from speechllm.logging_utils import setup_logging
 
 
@@ -21,9 +21,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--query_prob", type=float, default=0.5, help="share of prompts with a slot query")
     parser.add_argument("--context_source", choices=("asr", "reference"), default="asr")
+    parser.add_argument("--label_order", choices=LABEL_ORDERS, default="gold_first",
+                        help="queried labels in the target and trace: gold first, as in the paper's Figure 3, "
+                             "or in the prompt's shuffled order")
     args = parser.parse_args(argv)
     setup_logging()
-    examples = build_examples(args.data_dir, args.dump_dir, args.seed, args.query_prob, args.context_source)
+    examples = build_examples(args.data_dir, args.dump_dir, args.seed, args.query_prob, args.context_source,
+                              args.label_order)
     write_examples(examples, args.dump_dir)
 
 

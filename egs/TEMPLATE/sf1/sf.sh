@@ -31,6 +31,7 @@ feats_dtype=float32  # float32 | float16 (half the disk; read back unchanged)
 # Stage 2
 context_source=asr   # asr | reference
 query_prob=0.5
+label_order=gold_first  # queried labels in targets: gold_first (the paper's Figure 3) | prompt (its shuffled order)
 # Stage 3
 llm=smollm2_135m     # conf/llm/<llm>.yaml
 llm_path=""          # overrides the config's name_or_path (a local copy of the weights)
@@ -128,7 +129,7 @@ stage2() {
   for dset in ${all_sets}; do
     log "Stage 2: formatting dump/${dset} (context from ${context_source})"
     python -m speechllm.bin.format_data --data_dir "data/${dset}" --dump_dir "dump/${dset}" --seed "${seed}" \
-      --query_prob "${query_prob}" --context_source "${context_source}"
+      --query_prob "${query_prob}" --context_source "${context_source}" --label_order "${label_order}"
   done
 }
 
