@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speechllm.io_utils import aside
+from speechllm.io_utils import aside, replace_dir
 
 PATTERN = "step_???????"
 
@@ -48,8 +48,7 @@ def save_checkpoint(outdir: Path, step: int, state: dict, keep: int) -> Path:
     with aside(ckpt) as tmp:
         tmp.mkdir(parents=True)
         torch.save(state, tmp / "state.pt")
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tmp.rename(ckpt)
+        replace_dir(tmp, ckpt)  # the same step saved again (the final save) keeps the first until then
     for old in sorted((outdir / "checkpoints").glob(PATTERN))[:-keep]:
         shutil.rmtree(old)
     return ckpt

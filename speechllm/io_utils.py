@@ -53,6 +53,22 @@ def aside(path: str | Path, stale: bool = False) -> Iterator[Path]:
         raise
 
 
+def replace_dir(new: Path, dest: Path) -> None:
+    """Put the directory ``new`` at ``dest``: an old ``dest`` is moved aside first and removed only once the
+    new one is in place (an error in between puts it back), so ``dest`` is never lost."""
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    old = temp_path(dest)
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Write to a :func:`temp_path` and rename on success, so readers never see a half-written file."""

@@ -219,11 +219,19 @@ class Trainer:
         raise TimeLimit
 
     # -- the loop --------------------------------------------------------------------------------
+    def end_epoch(self, run_log: RunLog) -> None:
+        """The end of an epoch: the validation loss."""
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if self.world.is_main and self.valid_set is not None:
+            loss = validation_loss(self.model, self.valid_set, self.cfg.batch_size)
+            run_log.record({"step": self.step, "epoch": self.epoch, "valid_loss": loss})
+        self.world.barrier()
+
     def train(self) -> None:
         cfg, world, main = self.cfg, self.world, self.world.is_main
         self.maybe_resume()
         # a checkpoint at the end of an epoch resumes with that epoch's validation
-        redo_epoch_end = 0 < self.step < self.total_steps and self.batch_in_epoch >= len(self.epoch_batches())
+        redo_epoch_end = self.step > 0 and self.batch_in_epoch >= len(self.epoch_batches())
         run_log = RunLog(self.outdir, world, with_ctc=self.ctc is not None, step=self.step,
                          redo_epoch_end=redo_epoch_end)
         self.budget = budget = Budget(cfg.max_minutes, world, self.train_s_before)
@@ -239,6 +247,8 @@ class Trainer:
         log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d = %d x %d x %d processes",
                  len(self.train_set), self.total_steps, self.steps_per_epoch,
                  self.global_batch * cfg.grad_accum, cfg.batch_size, cfg.grad_accum, world.size)
+        if redo_epoch_end and self.step >= self.total_steps:  # killed after the last step, before its epoch's end
+            self.end_epoch(run_log)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not main)
         first_step, out_of_time = self.step, False
         while self.step < self.total_steps and not out_of_time:
@@ -273,13 +283,8 @@ class Trainer:
                         if main:
                             curve(self.model, self.step, budget.train_seconds(), run_log)
                         world.barrier()
-            # the end of an epoch: the validation loss
             if self.batch_in_epoch >= len(batches):
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                if main and self.valid_set is not None:
-                    loss = validation_loss(self.model, self.valid_set, cfg.batch_size)
-                    run_log.record({"step": self.step, "epoch": self.epoch, "valid_loss": loss})
-                world.barrier()
+                self.end_epoch(run_log)
         bar.close()
         if out_of_time:
             log.info("stopped after %.1f min of training (max_minutes %s) at step %d of %d",

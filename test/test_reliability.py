@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -28,6 +29,8 @@ from hypothesis import strategies as st
 
 from conftest import RECIPE, REPO, copy_recipe, make_tiny_speechllm, run, tiny_llm_dict, write_examples
 import speechllm.decode
+import speechllm.io_utils
+import speechllm.train
 from speechllm.bin import decode as decode_bin
 from speechllm.bin import dump_feats
 from speechllm.bin import train as train_bin
@@ -35,7 +38,7 @@ from speechllm.align import AlignConfig
 from speechllm.bin.score import score_files
 from speechllm.data import TokenizedSet, tokenized
 from speechllm.formatting import build_examples
-from speechllm.io_utils import InputError, atomic_write, read_json, read_kaldi_map
+from speechllm.io_utils import InputError, atomic_write, read_json, read_kaldi_map, replace_dir
 from speechllm.lock import exclusive
 from speechllm.model.builder import save_model
 from speechllm.parsing import first_braced, parse_slots
@@ -229,6 +232,22 @@ def test_a_second_training_into_a_held_exp_dir_is_refused_naming_the_holder(tmp_
         holder.wait()
     with exclusive(exp):  # the kernel released the killed holder's lock
         pass
+
+
+def test_stage3_goes_on_where_the_file_system_cannot_lock(tmp_path):
+    recipe = copy_recipe(tmp_path)
+    exp = recipe / "exp" / "tiny_llama_regular"
+    exp.mkdir(parents=True)
+    (exp / ".lock").write_text("")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "flock").write_text("#!/bin/sh\nexit 71\n")  # flock(1) on a mount without locks: not "held"
+    (fake / "flock").chmod(0o755)
+    proc = run(recipe, "--preset", "mini", "--stage", "3", "--stop_stage", "3", "--mode", "regular",
+               PATH=f"{fake}:{os.environ['PATH']}")
+    assert "is in use" not in proc.stdout
+    assert "dump/train/regular.jsonl not found (stage 2 writes it)" in proc.stdout + proc.stderr + (
+        exp / "train.log").read_text()
 
 
 def test_stage3_leaves_the_log_of_a_running_training_alone(tmp_path):
@@ -475,6 +494,44 @@ def test_a_killed_training_resumes_with_its_log_cut_back_to_the_checkpoint(tmp_p
         (s, False) for s in range(5, 9)] + [(8, True)]
 
 
+def test_a_run_killed_between_its_last_checkpoint_and_its_epoch_s_validation_logs_it_once(tmp_path, monkeypatch):
+    real = speechllm.train.validation_loss
+
+    def killed(*args):
+        raise KeyboardInterrupt  # after the checkpoint of step 4, the last step, which ends the epoch
+
+    monkeypatch.setattr(speechllm.train, "validation_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_on(tmp_path, valid=True, max_steps=4, save_every=4).train()
+    monkeypatch.setattr(speechllm.train, "validation_loss", real)
+    trainer_on(tmp_path, valid=True, max_steps=4, save_every=4).train()
+    rows = [json.loads(line) for line in (tmp_path / "exp" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], "valid_loss" in r) for r in rows] == [(1, False), (2, False), (3, False), (4, False),
+                                                              (4, True)]
+
+
+def test_a_directory_replaced_is_never_lost(tmp_path, monkeypatch):
+    dest, new = tmp_path / "model", tmp_path / "model.new"
+    for path, text in ((dest, "old"), (new, "new")):
+        path.mkdir()
+        (path / "weights").write_text(text)
+    real, calls = os.replace, []
+
+    def interrupted(a, b):
+        calls.append(b)
+        if len(calls) == 2:  # the new one moving in
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(speechllm.io_utils.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(new, dest)
+    assert (dest / "weights").read_text() == "old"  # put back
+    monkeypatch.setattr(speechllm.io_utils.os, "replace", real)
+    replace_dir(new, dest)
+    assert (dest / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 # -- 12. no validation set: no validation record ---------------------------------------------------------
 def test_without_a_validation_set_no_validation_loss_is_logged(tmp_path):
     trainer = trainer_on(tmp_path, max_steps=8)  # two epochs of four steps
@@ -540,5 +597,6 @@ def test_a_decode_killed_at_a_random_point_and_rerun_equals_an_uninterrupted_one
     assert len(generated) == 7 - kept  # the kept batches were not generated again
     assert output.read_bytes() == (tmp_path / "uninterrupted.jsonl").read_bytes()
     generated.clear()
-    decode(model_dir, jsonl, output)  # a completed job run again decodes nothing
+    monkeypatch.setattr(decode_bin, "load_model", None)  # a completed job run again loads no model
+    decode(model_dir, jsonl, output)
     assert generated == [] and output.read_bytes() == (tmp_path / "uninterrupted.jsonl").read_bytes()

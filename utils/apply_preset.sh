@@ -17,9 +17,10 @@ if [ -n "${preset:-}" ]; then
     log "Error: unknown preset '${preset}'. Available: $(ls conf/preset | sed -n 's/\.sh$//p' | tr '\n' ' ')"
     exit 1
   fi
-  # the script's own defaults of what the preset sets: parse_options.sh checks a flag's kind against them
+  # the script's own defaults, before the preset (and what it sources) changes them: parse_options.sh
+  # checks a flag's kind against these
   declare -A __ap_default_of=()
-  for __ap_name in $(sed -n 's/^\([A-Za-z_][A-Za-z_0-9]*\)=.*/\1/p' "conf/preset/${preset}.sh"); do
+  for __ap_name in $(compgen -v); do
     [ -z "${!__ap_name+set}" ] || __ap_default_of[${__ap_name}]="${!__ap_name}"
   done
   unset __ap_name

@@ -107,13 +107,18 @@ def main(argv: list[str] | None = None) -> None:
                 "num_beams": args.num_beams, "device": torch.device(args.device).type}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{args.output}.partial")
-    model = load_model(args.model_dir, args.device)
     done = batches_to_keep(partial, settings)
-    try:
-        results = decode_saving_batches(model, mine, args, max_new_tokens, partial, settings, done)
-    except StaleProgress as e:
-        log.warning("%s: %s: decoding from the start", partial, e)
-        results = decode_saving_batches(model, mine, args, max_new_tokens, partial, settings, [])
+    kept = {r["id"]: r for batch in done for r in batch}
+    if sorted(kept) == sorted(e.id for e in mine):  # a completed job (or an empty share): no model needed
+        log.info("nothing to decode: %d examples in this job's share, all in %s", len(mine), partial)
+        results = [kept[i] for i in sorted(kept)]
+    else:
+        model = load_model(args.model_dir, args.device)
+        try:
+            results = decode_saving_batches(model, mine, args, max_new_tokens, partial, settings, done)
+        except StaleProgress as e:
+            log.warning("%s: %s: decoding from the start", partial, e)
+            results = decode_saving_batches(model, mine, args, max_new_tokens, partial, settings, [])
     with atomic_write(args.output) as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
 

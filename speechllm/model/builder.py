@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import yaml
 from peft import PeftModel
 
 from speechllm.config import from_dict
-from speechllm.io_utils import aside, temp_path
+from speechllm.io_utils import aside, replace_dir
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead
 from speechllm.model.llm import LLMConfig, PromptFormatter, add_lora, build_tiny, load_llm
@@ -96,13 +95,7 @@ def save_model(model: SpeechLLM, spec: ModelSpec, outdir: str | Path, base_path:
         if base_path is not None:
             data["base_llm"] = os.path.relpath(Path(base_path).resolve(), outdir.resolve())
         (tmp / SPEC_FILE).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        if outdir.exists():
-            old = temp_path(outdir)
-            os.replace(outdir, old)
-            os.replace(tmp, outdir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, outdir)
+        replace_dir(tmp, outdir)
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:

@@ -152,7 +152,12 @@ stage3() {
     log "Stage 3: training ${llm} (${m}) -> ${expdir}"
     mkdir -p "${expdir}"
     # a training that holds the dir (bin/train.py's lock) keeps its log: refuse before moving it aside
-    if command -v flock > /dev/null && [ -f "${expdir}/.lock" ] && ! flock -n "${expdir}/.lock" true; then
+    # (75: flock's exit status for a held lock, not for a file system without locks)
+    local held=0
+    if command -v flock > /dev/null && [ -f "${expdir}/.lock" ]; then
+      flock -n -E 75 "${expdir}/.lock" true || held=$?
+    fi
+    if [ "${held}" -eq 75 ]; then
       log "Error: ${expdir} is in use by $(cat "${expdir}/.lock"): wait for it, stop it, or use another --tag"
       exit 1
     fi
