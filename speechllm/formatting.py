@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
@@ -83,19 +84,68 @@ def conversation_order(data_dir: Path, utts: list[str]) -> dict[str, list[str]]:
 LABEL_ORDERS = ("gold_first", "prompt")
 
 
+@dataclass(frozen=True)
+class Inventory:
+    """``slot_inventory.json``: each label's description and, where given, the domains it occurs in and the
+    concept it names (labels of one concept are other names of one slot)."""
+
+    descriptions: dict[str, str]
+    domains: dict[str, frozenset[str]]
+    concepts: dict[str, str]
+
+    def other_names(self, gold: Slots) -> frozenset[str]:
+        """Labels that name a concept of ``gold`` differently: never a distractor for it."""
+        concepts = {self.concepts[label] for label in gold if label in self.concepts}
+        return frozenset(label for label, c in self.concepts.items() if c in concepts) - set(gold)
+
+
+def read_inventory(path: Path) -> Inventory:
+    """Each entry is a description, or ``{"description": ..., "domains": [...], "concept": ...}``."""
+    entries = read_json(path)
+    if not isinstance(entries, dict):
+        raise InputError(f"{path}: expected an object mapping each label to its description")
+    descriptions, domains, concepts = {}, {}, {}
+    for label, entry in entries.items():
+        if isinstance(entry, str):
+            descriptions[label] = entry
+            continue
+        if not (isinstance(entry, dict) and isinstance(entry.get("description"), str)
+                and all(isinstance(d, str) for d in entry.get("domains", []))
+                and isinstance(entry.get("concept", label), str)):
+            raise InputError(f"{path}: {label!r}: expected a description, or an object with 'description' (a "
+                             "string), 'domains' (a list of strings) and 'concept' (a string)")
+        descriptions[label] = entry["description"]
+        if entry.get("domains"):
+            domains[label] = frozenset(entry["domains"])
+        concepts[label] = entry.get("concept", label)
+    return Inventory(descriptions, domains, concepts)
+
+
 def draw_prompt(rng: Random, history_text: list[str], gold: Slots, inventory: list[str],
                 query_prob: float, max_context: int = 3, max_distractors: int = 5,
-                label_order: str = "gold_first") -> Draw:
+                label_order: str = "gold_first", exclude: Collection[str] = (),
+                own_domain: Collection[str] | None = None, own_share: float = 0.8) -> Draw:
     """The prompt of one turn and the labels it queries, in the order the target lists them: the gold
-    labels then the distractors (Figure 3), or with ``label_order="prompt"`` the prompt's shuffled order."""
+    labels then the distractors (Figure 3), or with ``label_order="prompt"`` the prompt's shuffled order.
+
+    Distractors are inventory labels outside ``gold`` and ``exclude`` (other names of the gold concepts).
+    With ``own_domain`` (the labels of the turn's domain) each is drawn from it with probability
+    ``own_share``, else from the other domains, as far as each side has labels left."""
     if label_order not in LABEL_ORDERS:
         raise ValueError(f"label_order must be one of {LABEL_ORDERS}, not {label_order!r}")
     n_context = min(rng.randint(0, max_context), len(history_text))
     context = history_text[len(history_text) - n_context :] if n_context else []
     queried = shown = None
     if rng.random() < query_prob:
-        candidates = [label for label in inventory if label not in gold]
-        distractors = rng.sample(candidates, k=min(rng.randint(1, max_distractors), len(candidates)))
+        candidates = [label for label in inventory if label not in gold and label not in exclude]
+        k = min(rng.randint(1, max_distractors), len(candidates))
+        if own_domain is None:
+            distractors = rng.sample(candidates, k=k)
+        else:
+            own = [label for label in candidates if label in own_domain]
+            other = [label for label in candidates if label not in own_domain]
+            n_own = min(max(sum(rng.random() < own_share for _ in range(k)), k - len(other)), len(own))
+            distractors = rng.sample(own, k=n_own) + rng.sample(other, k=k - n_own)
         queried = (*gold, *distractors)
         shown = list(queried)
         rng.shuffle(shown)
@@ -173,7 +223,8 @@ def dropped_utterances(utts: list[str], feats: dict[str, str], slots: dict[str, 
 
 
 def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: float = 0.5,
-                   context_source: str = "asr", label_order: str = "gold_first") -> dict[str, list[dict]]:
+                   context_source: str = "asr", label_order: str = "gold_first",
+                   own_domain_share: float = 0.8) -> dict[str, list[dict]]:
     """Examples of every mode for one data dir, keyed by mode."""
     if not (dump_dir / "feats.scp").exists():
         raise InputError(f"{dump_dir / 'feats.scp'} missing: stage 1 has not completed for {data_dir} (run it)")
@@ -196,13 +247,16 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
         raise ValueError(f"context_source must be 'asr' or 'reference', got {context_source!r}")
     inventory_path = data_dir / "slot_inventory.json"
     if inventory_path.exists():
-        descriptions = read_json(inventory_path)
-        if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
-            raise InputError(f"{inventory_path}: expected an object mapping each label to its description")
+        known = read_inventory(inventory_path)
     else:
         log.warning("%s missing: the inventory is the labels seen in %s", inventory_path, data_dir)
-        descriptions = {}
+        known = Inventory({}, {}, {})
+    descriptions = known.descriptions
     inventory = sorted(set(descriptions) | {label for s in gold_all.values() for label in s})
+    utt2domain = read_kaldi_map(data_dir / "utt2domain") if (data_dir / "utt2domain").exists() else {}
+    own_labels = {d: frozenset(label for label, ds in known.domains.items() if d in ds)
+                  for d in set(utt2domain.values())} if known.domains else {}
+    n_distractors = n_own = 0
 
     utts = sorted(text)
     history = conversation_order(data_dir, utts)
@@ -220,8 +274,13 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
             continue
         gold = filled_slots(gold_all[utt])
         rng = Random(f"format-{seed}-{utt}")
+        own = own_labels.get(utt2domain.get(utt, ""))
         draw = draw_prompt(rng, [context_text.get(u, "") for u in history.get(utt, [])], gold, inventory,
-                           query_prob, label_order=label_order)
+                           query_prob, label_order=label_order, exclude=known.other_names(gold),
+                           own_domain=own, own_share=own_domain_share)
+        distractors = [label for label in draw.queried or () if label not in gold]
+        n_distractors += len(distractors)
+        n_own += sum(label in (own or ()) for label in distractors)
         base = {"utt_id": utt, "feats": feats[utt], "n_frames": int(num_frames.get(utt, 0)), "text": text[utt],
                 "queried": draw.queried,
                 "slots": target_slots(gold, draw.queried)}
@@ -238,6 +297,9 @@ def build_examples(data_dir: Path, dump_dir: Path, seed: int = 1, query_prob: fl
         if asr is not None:
             out["cascade"].append({"id": utt, **regular, "mode": "cascade", "feats": None, "n_frames": 0,
                                    "prompt": prompts.text_prompt(draw.prompt, asr.get(utt, ""))})
+    if own_labels:
+        log.info("%s: %d distractor labels drawn, %d (%.1f%%) from the turn's own domain (own_domain_share %.2f)",
+                 data_dir, n_distractors, n_own, 100 * n_own / max(n_distractors, 1), own_domain_share)
     return out
 
 

@@ -40,6 +40,28 @@ def test_domains_have_described_open_ended_slots():
         assert label in slot_inventory()
 
 
+def test_each_call_names_each_concept_its_own_way():
+    calls = [generate_call(1, i) for i in range(200)]
+    inventory = slot_inventory()
+    names_of: dict[str, set[str]] = {}
+    for call in calls:
+        used: dict[str, str] = {}  # concept -> the name this call uses
+        for t in call["turns"]:
+            for label in t["slots"]:
+                entry = inventory[label]
+                assert call["domain"] in entry["domains"]
+                assert used.setdefault(entry["concept"], label) == label  # one name per concept in a call
+                names_of.setdefault(entry["concept"], set()).add(label)
+    assert len(names_of) >= 50 and sum(len(n) >= 2 for n in names_of.values()) >= 0.9 * len(names_of)
+    assert {"payment_amount", "amount_paid", "payment_sum"} == names_of["payment_amount"]
+    assert generate_call(1, 7) == generate_call(1, 7)  # seeded
+    # the names are drawn apart from the call: its text and values are those of any other naming
+    same = generate_call(1, 7)
+    for named, other in zip(same["turns"], generate_call(1, 7)["turns"]):
+        assert named["text"] == other["text"] and list(named["slots"].values()) == list(other["slots"].values())
+    assert all(inventory[n]["description"] == inventory[c]["description"] for c, ns in names_of.items() for n in ns)
+
+
 def test_calls_are_multi_turn_with_values_in_text_and_back_references():
     calls = [generate_call(1, i) for i in range(200)]
     back_refs = 0

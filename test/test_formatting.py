@@ -161,3 +161,39 @@ def test_targets_list_gold_labels_first_and_only_the_prompt_is_shuffled(tmp_path
         assert list(json.loads(reg["target"])) == queried
         assert f"The labels queried for are {', '.join(reg['queried'])}." in rea["target"]
         assert list(parse_slots(rea["target"]).slots) == queried
+
+
+def test_distractors_come_from_the_turn_s_domain_at_the_share_asked_and_never_rename_a_gold_slot():
+    own = {f"label_{i}" for i in range(10)}  # the turn's domain; label_10 ... label_29 are the others'
+    gold = {"label_1": "x"}
+    synonyms = {"label_2", "label_15"}  # other names of label_1's concept
+    for share in (0.0, 0.5, 0.8, 1.0):
+        drawn = [label for seed in range(600)
+                 for label in draw_prompt(Random(seed), [], gold, INVENTORY, 1.0, exclude=synonyms, own_domain=own,
+                                          own_share=share).queried[1:]]
+        assert not set(drawn) & (synonyms | set(gold))
+        observed = sum(label in own for label in drawn) / len(drawn)
+        assert abs(observed - share) < 0.05, (share, observed)
+
+
+def test_stage2_counts_the_own_domain_share_and_reads_both_inventory_forms(tmp_path, caplog):
+    data, dump, utts = _data_dir(tmp_path)
+    (data / "slot_inventory.json").write_text(json.dumps({
+        "a": {"description": "desc a", "domains": ["retail"], "concept": "a"},
+        "a_other_name": {"description": "desc a", "domains": ["retail"], "concept": "a"},
+        "b": {"description": "desc b", "domains": ["retail"]}, "c": "desc c",
+        "d": {"description": "desc d", "domains": ["banking"]}}))
+    (data / "utt2domain").write_text("".join(f"{u} retail\n" for u in utts))
+    caplog.set_level("INFO")
+    rows = build_examples(data, dump, query_prob=1.0, own_domain_share=1.0)
+    with_a = [r for r in rows["regular"] if r["slots"].get("a", "None") != "None"]
+    assert with_a and not any("a_other_name" in r["queried"] for r in with_a)  # never another name of a gold slot
+    drawn = [label for r in rows["regular"] for label in r["queried"] if r["slots"][label] == "None"]
+    own = sum(label in ("a", "a_other_name", "b") for label in drawn)
+    assert own < len(drawn)  # c (no domain) and d are drawn once the turn's own labels run out
+    assert f"{len(drawn)} distractor labels drawn, {own} (" in caplog.text
+    reasoning = next(r for r in rows["reasoning"] if r["utt_id"] == with_a[0]["utt_id"])
+    assert "a (desc a)" in reasoning["target"]  # the description of an object entry
+    (data / "slot_inventory.json").write_text(json.dumps({"a": {"domains": ["retail"]}}))
+    with pytest.raises(InputError, match=r"slot_inventory.json: 'a': expected a description, or an object"):
+        build_examples(data, dump)

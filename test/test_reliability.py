@@ -449,7 +449,8 @@ def test_every_utterance_stage2_leaves_out_is_counted_named_and_listed(tmp_path,
     data.mkdir()
     dump.mkdir()
     (data / "text").write_text("u1 one\nu2 two\nu5 five\n")
-    (data / "slots.jsonl").write_text("".join(json.dumps({"utt_id": u, "slots": {}}) + "\n" for u in ("u1", "u4", "u5")))
+    (data / "slots.jsonl").write_text("".join(json.dumps({"utt_id": u, "slots": {}}) + "\n"
+                                              for u in ("u1", "u4", "u5")))
     (dump / "feats.scp").write_text("u1 f.ark:1\nu2 f.ark:2\nu3 f.ark:3\n")
     (dump / "skipped").write_text("u5 empty\n")
     (dump / "text_asr").write_text("u1 one\nu2 two\nu3 three\n")

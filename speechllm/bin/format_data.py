@@ -24,10 +24,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label_order", choices=LABEL_ORDERS, default="gold_first",
                         help="queried labels in the target and trace: gold first, as in the paper's Figure 3, "
                              "or in the prompt's shuffled order")
+    parser.add_argument("--own_domain_share", type=float, default=0.8,
+                        help="share of distractor labels drawn from the turn's own domain, where the data dir has "
+                             "utt2domain and the inventory the labels' domains")
     args = parser.parse_args(argv)
     setup_logging()
+    if not 0 <= args.own_domain_share <= 1:
+        parser.error(f"--own_domain_share must be within [0, 1], got {args.own_domain_share}")
     examples = build_examples(args.data_dir, args.dump_dir, args.seed, args.query_prob, args.context_source,
-                              args.label_order)
+                              args.label_order, args.own_domain_share)
     write_examples(examples, args.dump_dir)
 
 

@@ -3,6 +3,10 @@
 Each call opens with a greeting and a customer request, continues with agent questions and
 customer answers, reads values back (slots that refer to earlier turns), sometimes corrects one,
 and closes. Every slot value occurs verbatim in its turn's text.
+
+Labels are open-ended, as the paper's were: each call names each slot concept by one of its names
+(``callcenter_domains.ALIASES``), drawn from a RNG of its own, so that the same concept appears under
+several labels across calls while the calls' text and values do not depend on the naming.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 from pathlib import Path
 from random import Random
 
-from speechllm.corpus.callcenter_domains import (AFFIRM, ANSWERS, ASKS, CLOSE_AGENT, CLOSE_CUSTOMER,
+from speechllm.corpus.callcenter_domains import (AFFIRM, ALIASES, ANSWERS, ASKS, CLOSE_AGENT, CLOSE_CUSTOMER,
                                                  CONFIRM_ONE, CONFIRM_TWO, CORRECTION_ACKS, CORRECTIONS,
                                                  DOMAINS, GOODBYES, GREETINGS, Domain, SlotType)
 from speechllm.corpus.values import FIRST_NAMES
@@ -93,15 +97,29 @@ def generate_call(seed: int, index: int) -> dict:
         add("agent", rng.choice(GOODBYES).format(name=name), {"customer_name": name})
     else:
         add("agent", "Thank you for calling. Have a great day.", {})
+    names = call_labels(seed, index, domain)
+    for turn in turns:
+        turn["slots"] = {names[label]: value for label, value in turn["slots"].items()}
     return {"conv_id": f"cc{seed:02d}{index:05d}", "domain": domain.name, "turns": turns}
 
 
-def slot_inventory() -> dict[str, str]:
-    """Every label of every domain with its description (first definition wins for shared labels)."""
-    inventory: dict[str, str] = {}
-    for name in sorted(DOMAINS):
-        for slot in DOMAINS[name].slots:
-            inventory.setdefault(slot.label, slot.description)
+def call_labels(seed: int, index: int, domain: Domain) -> dict[str, str]:
+    """The name each slot concept of ``domain`` goes by in call ``index``: its label or one of its aliases."""
+    rng = Random(f"callcenter-labels-{seed}-{index}")
+    return {slot.label: rng.choice((slot.label, *ALIASES[slot.label])) for slot in domain.slots}
+
+
+def slot_inventory() -> dict[str, dict]:
+    """Every name of every slot concept: its description, the domains it occurs in and its concept (the
+    concept's first label), so that stage 2 can draw distractors from the turn's own domain and never
+    query another name of a concept the turn holds."""
+    inventory: dict[str, dict] = {}
+    for domain in sorted(DOMAINS):
+        for slot in DOMAINS[domain].slots:
+            for name in (slot.label, *ALIASES[slot.label]):
+                entry = inventory.setdefault(name, {"description": slot.description, "domains": [],
+                                                    "concept": slot.label})
+                entry["domains"].append(domain)
     return inventory
 
 

@@ -1,8 +1,9 @@
 """Slot inventories and domain phrasing for the synthetic call-centre corpus.
 
-Four domains as in the paper (banking, telecommunications, insurance, retail). Every slot has an
-open-ended descriptive label, a one-line description (used by the reasoning trace), the phrase an
-agent uses for it, a value generator and a few slot-specific customer answers (``{v}`` = value).
+Four domains as in the paper (banking, telecommunications, insurance, retail). Every slot concept has
+a descriptive label, other names for it (``ALIASES``: each call draws one), a one-line description
+(used by the reasoning trace), the phrase an agent uses for it, a value generator and a few
+slot-specific customer answers (``{v}`` = value).
 """
 
 from __future__ import annotations
@@ -235,6 +236,74 @@ RETAIL = Domain(
 )
 
 DOMAINS: dict[str, Domain] = {d.name: d for d in (BANKING, TELECOM, INSURANCE, RETAIL)}
+
+# Other names of each slot concept. The paper's labels were open-ended (GPT-4o named them turn by
+# turn, unprimed), so the generator does not name a concept the same way in every call: each call
+# draws one name per concept from the label above and these (``generate_call``).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "customer_name": ("caller_name", "account_holder_name"),
+    "callback_number": ("contact_number", "phone_number"),
+    "preferred_contact_day": ("contact_day", "best_day_to_call"),
+    "account_type": ("bank_account_type", "account_kind"),
+    "card_type": ("payment_card_type", "card_kind"),
+    "last_four_digits": ("card_last_four", "account_last_digits"),
+    "payment_amount": ("amount_paid", "payment_sum"),
+    "payment_frequency": ("payment_schedule", "billing_frequency"),
+    "payment_date": ("payment_due_date", "date_of_payment"),
+    "new_limit": ("requested_limit", "new_credit_limit"),
+    "transfer_amount": ("amount_to_transfer", "transfer_sum"),
+    "recipient_name": ("payee_name", "transfer_recipient"),
+    "loan_amount": ("loan_principal", "borrowed_amount"),
+    "loan_term": ("loan_duration", "repayment_period"),
+    "interest_rate": ("rate_of_interest", "apr"),
+    "branch_location": ("branch_city", "bank_branch"),
+    "transaction_date": ("charge_date", "date_of_transaction"),
+    "merchant_name": ("merchant", "vendor_name"),
+    "review_period": ("review_interval", "time_until_review"),
+    "plan_name": ("service_plan", "tariff_name"),
+    "monthly_fee": ("monthly_price", "monthly_charge"),
+    "data_allowance": ("data_limit", "data_plan_size"),
+    "device_model": ("phone_model", "device_name"),
+    "contract_length": ("contract_term", "contract_duration"),
+    "family_members_count": ("number_of_family_members", "household_size"),
+    "service_address": ("installation_address", "service_location"),
+    "outage_start_date": ("outage_date", "service_down_since"),
+    "appointment_date": ("technician_visit_date", "visit_date"),
+    "appointment_time": ("technician_visit_time", "visit_time"),
+    "travel_destination": ("destination_country", "trip_destination"),
+    "roaming_package": ("roaming_plan", "roaming_add_on"),
+    "bill_amount": ("amount_billed", "bill_total"),
+    "billing_date": ("bill_date", "statement_date"),
+    "sim_type": ("sim_card_type", "sim_format"),
+    "policy_type": ("insurance_type", "coverage_type"),
+    "policy_name": ("insurance_plan_name", "plan_of_cover"),
+    "policy_number": ("policy_id", "insurance_policy_number"),
+    "claim_amount": ("amount_claimed", "claim_value"),
+    "incident_date": ("date_of_incident", "accident_date"),
+    "incident_location": ("place_of_incident", "accident_location"),
+    "vehicle_model": ("car_model", "insured_vehicle"),
+    "deductible_amount": ("deductible", "excess_amount"),
+    "premium_amount": ("insurance_premium", "premium_cost"),
+    "coverage_limit": ("maximum_coverage", "cover_limit"),
+    "beneficiary_name": ("policy_beneficiary", "named_beneficiary"),
+    "renewal_date": ("policy_renewal_date", "date_of_renewal"),
+    "property_address": ("insured_property_address", "home_address"),
+    "order_number": ("order_id", "order_reference"),
+    "product_name": ("item_name", "product"),
+    "product_size": ("item_size", "size"),
+    "product_color": ("item_color", "colour"),
+    "quantity": ("item_count", "number_of_items"),
+    "delivery_date": ("expected_delivery_date", "arrival_date"),
+    "delivery_address": ("shipping_address", "address_for_delivery"),
+    "refund_amount": ("amount_refunded", "refund_value"),
+    "store_location": ("store_city", "shop_location"),
+    "purchase_date": ("date_of_purchase", "order_date"),
+    "payment_method": ("method_of_payment", "paid_with"),
+    "discount_code": ("promo_code", "coupon_code"),
+    "loyalty_points": ("reward_points", "points_balance"),
+    "shipping_method": ("delivery_method", "shipping_option"),
+    "pickup_time": ("collection_time", "pickup_slot"),
+}
 
 GREETINGS = (
     "Thank you for calling {company}, my name is {agent}. How can I help you today?",

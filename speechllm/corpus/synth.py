@@ -99,7 +99,7 @@ def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, da
     for split in sorted({c["split"] for c in calls}):
         out = datadir / split
         out.mkdir(parents=True, exist_ok=True)
-        wav, text, utt2spk, utt2conv, utt2turn, utt2group, rows = {}, {}, {}, {}, {}, {}, {}
+        wav, text, utt2spk, utt2conv, utt2turn, utt2group, utt2domain, rows = {}, {}, {}, {}, {}, {}, {}, {}
         for call in (c for c in calls if c["split"] == split):
             for turn, t in enumerate(call["turns"]):
                 uid = utt_id(call["conv_id"], t["speaker"], turn)
@@ -110,6 +110,8 @@ def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, da
                 utt2turn[uid] = str(turn)
                 if "group" in t:
                     utt2group[uid] = t["group"]
+                if "domain" in call:
+                    utt2domain[uid] = call["domain"]
                 rows[uid] = {"utt_id": uid, "slots": t["slots"]}
                 if t.get("descriptions"):
                     rows[uid]["descriptions"] = t["descriptions"]
@@ -119,8 +121,9 @@ def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, da
         for name, mapping in (("wav.scp", wav), ("text", text), ("utt2spk", utt2spk), ("utt2conv", utt2conv),
                               ("utt2turn", utt2turn), ("spk2utt", {k: " ".join(v) for k, v in spk2utt.items()})):
             write_kaldi_map(out / name, mapping)
-        if utt2group:
-            write_kaldi_map(out / "utt2group", utt2group)
+        for name, mapping in (("utt2group", utt2group), ("utt2domain", utt2domain)):
+            if mapping:
+                write_kaldi_map(out / name, mapping)
         with atomic_write(out / "slots.jsonl") as f:
             for uid in sorted(rows):
                 f.write(json.dumps(rows[uid], ensure_ascii=False) + "\n")

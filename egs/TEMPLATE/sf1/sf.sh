@@ -32,6 +32,7 @@ feats_dtype=float32  # float32 | float16 (half the disk; read back unchanged)
 context_source=asr   # asr | reference
 query_prob=0.5
 label_order=gold_first  # queried labels in targets: gold_first (the paper's Figure 3) | prompt (its shuffled order)
+own_domain_share=0.8    # share of distractor labels from the turn's own domain (with utt2domain and label domains)
 # Stage 3
 llm=smollm2_135m     # conf/llm/<llm>.yaml
 llm_path=""          # overrides the config's name_or_path (a local copy of the weights)
@@ -129,7 +130,8 @@ stage2() {
   for dset in ${all_sets}; do
     log "Stage 2: formatting dump/${dset} (context from ${context_source})"
     python -m speechllm.bin.format_data --data_dir "data/${dset}" --dump_dir "dump/${dset}" --seed "${seed}" \
-      --query_prob "${query_prob}" --context_source "${context_source}" --label_order "${label_order}"
+      --query_prob "${query_prob}" --context_source "${context_source}" --label_order "${label_order}" \
+      --own_domain_share "${own_domain_share}"
   done
 }
 
