@@ -100,6 +100,7 @@ def test_stage1_skips_and_counts_audio_or_features_that_are_not_finite(tmp_path,
     assert skipped == {"nan": "not finite (16 NaN or infinite samples)",
                        "blows_up": "not finite (the encoder's output)"}
     assert list(kaldiio.load_scp(str(tmp_path / "dump" / "feats.1.scp"))) == ["good"]
+    assert not (tmp_path / "dump" / "text_asr.1").exists()  # --asr false: no transcripts, not empty ones
     assert "1 utterances encoded (1 in this run), 2 skipped" in caplog.text
 
 

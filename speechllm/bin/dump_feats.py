@@ -5,7 +5,7 @@ batched call, several short turns sharing a 30-s Whisper window (:mod:`speechllm
 turn's true-length encoder output is written with its hypothesis.
 
 Job ``J`` of ``N`` takes the J-th contiguous chunk of the sorted ``wav.scp``; the recipe merges the
-per-job ``feats.J.scp``, ``text_asr.J``, ``utt2num_frames.J`` and ``skipped.J`` files, and takes
+per-job ``feats.J.scp``, ``text_asr.J`` (with ``--asr true``), ``utt2num_frames.J`` and ``skipped.J`` files, and takes
 ``whisper.J`` (the Whisper name, or the absolute path of a checkpoint or YAML file) as the set's
 ``whisper`` record, which training reads when it is given no ``--whisper``. Unusable turns
 (missing, corrupt, empty, over 30 s, NaN or infinite samples or encoder outputs) are skipped, listed
@@ -115,12 +115,14 @@ def reusable_records(progress: Path, ark: Path, settings: dict, keys: list[str],
 
 
 class JobFiles:
-    """Job ``job``'s files in ``outdir``: the outputs the recipe merges, and the state a rerun resumes from."""
+    """Job ``job``'s files in ``outdir``: the outputs the recipe merges (``text_asr.J`` only with ASR), and the
+    state a rerun resumes from."""
 
-    def __init__(self, outdir: Path, job: int) -> None:
+    def __init__(self, outdir: Path, job: int, asr: bool) -> None:
         self.ark, self.scp = outdir / f"feats.{job}.ark", outdir / f"feats.{job}.scp"
         self.partial, self.progress = Path(f"{self.ark}.partial"), outdir / f"progress.{job}.jsonl"
-        self.lists = {name: outdir / f"{name}.{job}" for name in ("text_asr", "utt2num_frames", "skipped")}
+        names = ("text_asr", "utt2num_frames", "skipped") if asr else ("utt2num_frames", "skipped")
+        self.lists = {name: outdir / f"{name}.{job}" for name in names}
         self.whisper = outdir / f"whisper.{job}"  # the recipe's dump/<set>/whisper record
 
 
@@ -173,7 +175,9 @@ def write_lists(files: JobFiles, records: list[dict], whisper: str) -> None:
     """The scp and the per-key lists the recipe merges, from the records, and the record of ``--whisper``."""
     with atomic_write(files.scp) as f:
         f.writelines(f"{r['key']} {files.ark}:{r['offset']}\n" for r in records if "offset" in r)
-    for name, field in (("text_asr", "text"), ("utt2num_frames", "frames"), ("skipped", "skipped")):
+    fields = {"text_asr": "text", "utt2num_frames": "frames", "skipped": "skipped"}
+    for name in files.lists:
+        field = fields[name]
         with atomic_write(files.lists[name]) as f:
             f.writelines(f"{r['key']} {r[field]}\n" for r in records if field in r)
     write_whisper_record(files.whisper, whisper)
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = json.loads(json.dumps(settings))  # as an earlier run's settings read back from JSON
     job_name = f"job {args.job}/{args.nj}"
     args.outdir.mkdir(parents=True, exist_ok=True)
-    files = JobFiles(args.outdir, args.job)
+    files = JobFiles(args.outdir, args.job, args.asr)
     records = records_to_keep(files, settings, keys, wav_scp, job_name, chunk)
     if records is None:
         return

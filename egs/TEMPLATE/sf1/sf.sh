@@ -116,7 +116,9 @@ stage1() {
       python -m speechllm.bin.dump_feats --data_dir "data/${dset}" --outdir "${split}" \
       --whisper "${whisper}" --asr "${asr}" --asr_pack "${asr_pack}" --asr_chunk "${asr_chunk}" \
       --feats_dtype "${feats_dtype}" --job JOB --nj "${nj}"
-    for f in text_asr utt2num_frames skipped; do
+    local lists="utt2num_frames skipped"
+    if [ "${asr}" = true ]; then lists="text_asr ${lists}"; fi  # no transcripts without ASR, not empty ones
+    for f in ${lists}; do
       merge "${out}/${f}" sort $(job_files "${split}/${f}." "")
     done
     # the jobs' records of --whisper are one line, the same in each (training reads it)
