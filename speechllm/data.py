@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from speechllm.io_utils import InputError, atomic_write, jsonl_rows, read_jsonl
+from speechllm.io_utils import InputError, atomic_write, file_stamp, jsonl_rows, read_jsonl
 from speechllm.distributed import World
 from speechllm.model.speechllm import ModelInput, SpeechLLM
 from speechllm.slots import Slots
@@ -138,14 +138,11 @@ def ark_of(feats_path: str) -> str:
 
 def ark_stamps(arks: set[str], jsonl: Path) -> dict[str, list[int]]:
     """Size and modification time of each feature file a JSONL file points into; a missing one is an error."""
-    stamps = {}
-    for ark in sorted(arks):
-        try:
-            stat = os.stat(ark)
-        except OSError:
-            raise InputError(f"{ark} (features of {jsonl}) not found: stage 1 did not complete, or ran again after "
-                             "stage 2. Rerun stages 1 and 2") from None
-        stamps[ark] = [stat.st_size, stat.st_mtime_ns]
+    stamps = {ark: file_stamp(ark) for ark in sorted(arks)}
+    missing = [ark for ark, stamp in stamps.items() if stamp is None]
+    if missing:
+        raise InputError(f"{missing[0]} (features of {jsonl}) not found: stage 1 did not complete, or ran again after "
+                         "stage 2. Rerun stages 1 and 2")
     return stamps
 
 
@@ -153,12 +150,9 @@ def check_arks(stamps: dict[str, list[int]], jsonl: str) -> None:
     """Refuse feature files that changed since ``jsonl`` was tokenised: its offsets would point into
     other matrices (stage 1 ran again, or was killed while running again, after stage 2)."""
     for ark, stamp in stamps.items():
-        try:
-            stat = os.stat(ark)
-        except OSError:
-            stat = None
-        if stat is None or [stat.st_size, stat.st_mtime_ns] != stamp:
-            raise InputError(f"{ark} (features of {jsonl}) is {'gone' if stat is None else 'rewritten'} since the "
+        now = file_stamp(ark)
+        if now != stamp:
+            raise InputError(f"{ark} (features of {jsonl}) is {'gone' if now is None else 'rewritten'} since the "
                              "rows that point into it were tokenised: stage 1 ran again. Rerun stage 2 (and stage 1 "
                              "if it did not complete)")
 

@@ -22,6 +22,16 @@ class InputError(ValueError):
     """Bad user input; the message names the file and line."""
 
 
+def file_stamp(path: str | Path) -> list[int] | None:
+    """Size and modification time of a file (``None`` if it is missing): a file rewritten at the same path
+    is another input."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def temp_path(path: str | Path) -> Path:
     """A sibling of ``path`` that no other process or call picks (process id and a random part), to
     write aside and rename: two writers of one file never collide in a shared ``path.tmp``."""

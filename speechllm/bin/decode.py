@@ -26,19 +26,13 @@ import torch
 from speechllm.data import Example, read_examples
 from speechllm.decode import CAP_MARGIN, CAP_SCALE, StaleProgress, decode_examples, new_token_cap
 from speechllm.formatting import DECODES
-from speechllm.io_utils import atomic_write
+from speechllm.io_utils import atomic_write, file_stamp
 from speechllm.jobs import job_slice
 from speechllm.logging_utils import setup_logging
 from speechllm.model.builder import SPEC_FILE, load_model, read_spec
 from speechllm.model.speechllm import SpeechLLM
 
 log = logging.getLogger(__name__)
-
-
-def stamp(path: Path) -> list[int]:
-    """Size and modification time: a model saved again or a JSONL file written again is another input."""
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
 
 
 def batches_to_keep(partial: Path, settings: dict) -> list[list[dict]]:
@@ -102,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     examples = {e.id: e for e in read_examples(args.jsonl, args.mode)}
     mine = [examples[i] for i in job_slice(list(examples), args.job, args.nj)]
-    settings = {"model": stamp(args.model_dir / SPEC_FILE), "jsonl": stamp(args.jsonl), "mode": args.mode,
+    settings = {"model": file_stamp(args.model_dir / SPEC_FILE), "jsonl": file_stamp(args.jsonl), "mode": args.mode,
                 "job": args.job, "nj": args.nj, "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
                 "num_beams": args.num_beams, "device": torch.device(args.device).type}
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from speechllm.asr import Packing, transcribe_turns
 from speechllm.features import (SAMPLE_RATE, check_audio, encode_audio, load_whisper, whisper_config,
                                 write_whisper_record)
-from speechllm.io_utils import InputError, atomic_write, read_kaldi_map
+from speechllm.io_utils import InputError, atomic_write, file_stamp, read_kaldi_map
 from speechllm.jobs import job_slice
 from speechllm.logging_utils import setup_logging
 
@@ -78,15 +78,6 @@ def read_progress(path: Path) -> tuple[dict | None, list[dict]]:
     return (objects[0], objects[1:]) if objects else (None, [])
 
 
-def wav_stamp(path: str) -> list[int] | None:
-    """Size and modification time of a wav: a file rewritten at the same path is another turn."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def reusable_records(progress: Path, ark: Path, settings: dict, keys: list[str],
                      wav_scp: dict[str, str]) -> tuple[list[dict], str | None]:
     """The records of an earlier run of this job that this run can keep, or why it must start over."""
@@ -106,7 +97,7 @@ def reusable_records(progress: Path, ark: Path, settings: dict, keys: list[str],
             return [], f"{progress}:{lineno}: key {record.get('key')!r}, expected {key!r} (wav.scp or nj changed)"
         if record.get("wav") != wav_scp[key]:
             return [], f"{progress}:{lineno}: the wav of {key} changed ({record.get('wav')} -> {wav_scp[key]})"
-        if record.get("wav_stamp") != wav_stamp(wav_scp[key]):
+        if record.get("wav_stamp") != file_stamp(wav_scp[key]):
             return [], f"{progress}:{lineno}: {wav_scp[key]} was rewritten since {key} was dumped"
     size = ark.stat().st_size if ark.exists() else 0
     if records and records[-1]["end"] > size:
@@ -249,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                                                    cfg.asr_max_tokens)
                 texts, n_fallback = dict(zip(usable, hyps)), n_fallback + fallbacks
             for key in todo:
-                record = {"key": key, "wav": wav_scp[key], "wav_stamp": wav_stamp(wav_scp[key])}
+                record = {"key": key, "wav": wav_scp[key], "wav_stamp": file_stamp(wav_scp[key])}
                 audio, reason = audios[key]
                 feats = None if audio is None else encode_audio(model, audio, cfg.pad_30s)
                 if feats is not None and not np.isfinite(feats).all():
