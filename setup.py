@@ -11,6 +11,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["speechllm", "speechllm.*"]),
+    package_data={"speechllm.model": ["templates/*.jinja"]},
     install_requires=[
         "torch>=2.4", "transformers>=4.56", "peft>=0.17", "openai-whisper>=20240930", "kaldiio>=2.18",
         "soundfile", "scipy", "pyyaml", "tqdm", "tensorboard", "matplotlib", "jiwer>=3.0", "rapidfuzz",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,20 @@ def reasoning_target(transcript: str, gold: Slots, queried: tuple[str, ...] | No
                      descriptions: dict[str, str]) -> str:
     return (reasoning_trace(transcript, gold, queried, descriptions)
             + "<response>\n" + regular_target(gold, queried) + "\n</response>")
+
+
+_REASONING_RE = re.compile(r"<thinking>\n(.*)\n</thinking>\n<response>\n(.*)\n</response>", re.DOTALL)
+
+
+def split_reasoning_target(target: str) -> tuple[str, str]:
+    """A target's trace (``""`` for a direct answer) and its answer, without our markup: what a model
+    with a thinking block of its own writes inside the block and after it."""
+    match = _REASONING_RE.fullmatch(target)
+    if match:
+        return match.group(1), match.group(2)
+    if "<thinking>" in target or "<response>" in target:
+        raise ValueError(f"a reasoning target not in the form reasoning_target writes: {target[:200]!r}")
+    return "", target
 
 
 def dropped_utterances(utts: list[str], feats: dict[str, str], slots: dict[str, Slots],

@@ -4,10 +4,11 @@ The model is trained to emit JSON (double quotes); the paper prints Python dicts
 Both are accepted so that outputs of other systems can be scored with the same code. A label may
 hold a list of values (``{"account_type": ["checking", "savings"]}``); other values become strings.
 
-The answer is looked for in the ``<response>`` body, else after ``</thinking>``, else in the whole
-output. A reasoning output cut off inside its trace (``<thinking>`` with neither ``</thinking>`` nor
-``<response>``: the model hit the cap on new tokens) has no answer: it is unparseable, with no slots,
-even when the trace quotes a dict.
+The answer is looked for in the ``<response>`` body, else after the trace (``</thinking>``, or the
+``</think>`` of a model trained with its own thinking block), else in the whole output. A reasoning
+output cut off inside its trace (an open ``<thinking>`` or ``<think>`` without ``<response>``: the model
+hit the cap on new tokens) has no answer: it is unparseable, with no slots, even when the trace quotes
+a dict.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from speechllm.slots import SlotValue, Slots
 
 _RESPONSE_RE = re.compile(r"<response>(.*?)(?:</response>|$)", re.DOTALL)
+TRACE_TAGS = (("<thinking>", "</thinking>"), ("<think>", "</think>"))  # ours, and Qwen3's native block
 
 
 @dataclass
@@ -74,21 +76,35 @@ def first_braced(text: str) -> str | None:
 
 
 def response_part(text: str) -> str:
-    """The part of a generation that holds the answer: the ``<response>`` body, else what follows
-    ``</thinking>``, else everything; nothing (``""``) for a trace cut off before either tag."""
+    """The part of a generation that holds the answer: the ``<response>`` body, else what follows the
+    trace's closing tag, else everything; nothing (``""``) for a trace cut off before either tag."""
     match = _RESPONSE_RE.search(text)
     if match:
         return match.group(1)
-    if "</thinking>" in text:
-        return text.split("</thinking>", 1)[1]
-    if "<thinking>" in text:  # truncated mid-trace: a dict in the trace is not the answer
+    for _, closing in TRACE_TAGS:
+        if closing in text:
+            return text.split(closing, 1)[1]
+    if any(opening in text for opening, _ in TRACE_TAGS):  # truncated mid-trace: a dict there is not the answer
         return ""
     return text
 
 
+def reasoning_part(text: str) -> str | None:
+    """The trace of a generation, its tags included (to its end if cut off); ``None`` without one, or
+    for an empty thinking block (a native ``/no_think`` answer)."""
+    for opening, closing in TRACE_TAGS:
+        start = text.find(opening)
+        if start < 0:
+            continue
+        end = text.find(closing, start)
+        trace = text[start : len(text) if end < 0 else end + len(closing)]
+        return trace.strip() if trace[len(opening) :].removesuffix(closing).strip() else None
+    return None
+
+
 def parse_slots(text: str) -> ParsedOutput:
     """Extract the slot dict of a generation (the first ``{...}`` of :func:`response_part`, read as JSON
-    or as a Python dict); unparseable output, a trace cut off before ``</thinking>`` and ``<response>``
+    or as a Python dict); unparseable output, a trace cut off before its closing tag and ``<response>``
     included, gives ``({}, parseable=False)``."""
     body = first_braced(response_part(text))
     if body is None:

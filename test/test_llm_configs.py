@@ -37,17 +37,15 @@ def test_foundation_model_configs(name):
         assert cfg.response_prefix == "</think>\n\n"
 
 
-# the shape of the families' own templates: Qwen3's enable_thinking, DeepSeek-R1's open <think>
-QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-              "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
-              "<think>\n\n</think>\n\n{% endif %}")
+# the families' own templates: Qwen3's (packaged, by name) with enable_thinking, and the shape of
+# DeepSeek-R1's, whose generation prompt opens <think>
 DEEPSEEK_LIKE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
                  "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}")
 
 
 @pytest.mark.parametrize("template, extra, ending", [
-    (QWEN3_LIKE, {"chat_template_kwargs": {"enable_thinking": False}}, "assistant\n<think>\n\n</think>\n\n"),
-    (QWEN3_LIKE, {}, "<|im_start|>assistant\n"),
+    ("qwen3", {"chat_template_kwargs": {"enable_thinking": False}}, "assistant\n<think>\n\n</think>\n\n"),
+    ("qwen3", {}, "<|im_start|>assistant\n"),
     (DEEPSEEK_LIKE, {"response_prefix": "</think>\n\n"}, "<|Assistant|><think>\n</think>\n\n"),
 ])
 def test_family_thinking_markup_is_closed_before_our_targets(tmp_path, template, extra, ending):
@@ -59,3 +57,14 @@ def test_family_thinking_markup_is_closed_before_our_targets(tmp_path, template,
     assert text_before.endswith(ending) and text_after == ""
     with pytest.raises(ValueError, match="needs one <audio> placeholder"):
         model.formatter.render("Find the slots.")
+
+
+def test_a_chat_template_is_text_a_file_or_a_packaged_name(tmp_path):
+    from speechllm.model.llm import resolve_template
+
+    path = tmp_path / "mine.jinja"
+    path.write_text("{{ messages[0]['content'] }}")
+    assert resolve_template(str(path)) == resolve_template("{{ messages[0]['content'] }}") == path.read_text()
+    assert "<|im_start|>" in resolve_template("qwen3")
+    with pytest.raises(ValueError, match=r"neither Jinja text, nor a file, nor one of the packaged templates \['qwen3'\]"):
+        resolve_template("qwen4")

@@ -24,7 +24,7 @@ from speechllm.features import check_audio, encode_audio, load_whisper_spec
 from speechllm.io_utils import InputError
 from speechllm.logging_utils import setup_logging
 from speechllm.model.builder import SPEC_FILE, load_model, read_spec
-from speechllm.parsing import parse_slots, response_part
+from speechllm.parsing import parse_slots, reasoning_part, response_part
 
 
 def build_prompt(slots: list[str], think: bool | None) -> str:
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         result = {"file": path, "slots": parsed.slots, "parseable": parsed.parseable}
         if mode == "cascade":
             result["transcript"] = transcript
-        if "<thinking>" in output:
-            result["reasoning"] = output.split("<response>")[0].strip()
+        reasoning = reasoning_part(output)
+        if reasoning is not None:
+            result["reasoning"] = reasoning
         elif not parsed.parseable:
             result["output"] = response_part(output)
         print(json.dumps(result, ensure_ascii=False), flush=True)

@@ -4,6 +4,11 @@ An :class:`LLMConfig` names a hub ID or local path (``name_or_path``), or ``tiny
 from which a small random model is built, with a byte-level BPE tokenizer trained on the corpus
 text. The tiny path is what CI and the mini preset use; its weights and tokenizer are saved into
 the experiment so decoding rebuilds exactly the same model.
+
+A model's thinking markup is one of two kinds (``native_thinking``). By default the targets carry our
+``<thinking>``/``<response>`` markup as the answer proper, the same for every LLM. With
+``native_thinking: true`` the trace goes into the model's own thinking block instead: each target is
+rendered by the chat template as an assistant turn with ``reasoning_content`` (Qwen3's ``<think>``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from speechllm.formatting import split_reasoning_target
+from speechllm.model import qwen3
 from speechllm.pretrained import llm_dir
 from speechllm.prompts import AUDIO
 
@@ -26,6 +33,38 @@ TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+TEMPLATES = Path(__file__).with_name("templates")
+
+
+@dataclass(frozen=True)
+class TinyTokens:
+    """A tiny tokenizer's fixed tokens and chat template: a family's, so prompts tokenise as in the family."""
+
+    special: tuple[str, ...]
+    eos: str
+    pad: str
+    bos: str | None = None
+    added: tuple[str, ...] = ()  # single tokens that decoding keeps (not special)
+    template: str = TINY_CHAT_TEMPLATE
+
+
+TINY_TOKENS = {
+    "generic": TinyTokens(("<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"), eos="</s>",
+                          pad="<pad>", bos="<s>"),
+    "qwen3": TinyTokens(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos=qwen3.EOS, pad=qwen3.PAD,
+                        added=("<think>", "</think>"), template=qwen3.chat_template()),
+}
+
+
+def resolve_template(value: str) -> str:
+    """A ``chat_template`` value as Jinja text: the text itself, a ``.jinja`` file, or a packaged name."""
+    if "{" in value:
+        return value
+    for path in (Path(value), TEMPLATES / f"{value}.jinja"):
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    raise ValueError(f"chat_template {value!r} is neither Jinja text, nor a file, nor one of the packaged "
+                     f"templates {sorted(p.stem for p in TEMPLATES.glob('*.jinja'))}")
 
 
 @dataclass
@@ -34,11 +73,13 @@ class LLMConfig:
     local_cache: str | None = None  # converted offline copy: $MODEL_CACHE/llm/<local_cache>, used when present
     tiny: dict | None = None  # transformers config kwargs incl. model_type; builds a random model
     tiny_vocab_size: int = 1000
+    tiny_tokens: str = "generic"  # the tiny tokenizer's fixed tokens and chat template: "generic" or "qwen3"
     prompt_style: str = "chat"  # "chat": tokenizer's chat template; "plain": plain_template
     plain_template: str = "{prompt}\nResponse:\n"
     system_prompt: str | None = None  # None: whatever the chat template does by default
-    chat_template: str | None = None  # replaces the tokenizer's (Jinja); tiny models use their family's
+    chat_template: str | None = None  # replaces the tokenizer's: Jinja text, a .jinja file or a packaged name
     chat_template_kwargs: dict = field(default_factory=dict)  # e.g. Qwen3's {enable_thinking: false}
+    native_thinking: bool = False  # the trace in the template's own thinking block (Qwen3's <think>)
     response_prefix: str = ""  # appended after the generation prompt (closes DeepSeek-R1's open <think>)
     dtype: str = "float32"
     quantization: str | None = None  # None or "nf4" (QLoRA through bitsandbytes)
@@ -53,27 +94,37 @@ class LLMConfig:
             raise ValueError(f"prompt_style must be 'chat' or 'plain', got {self.prompt_style!r}")
         if self.quantization not in (None, "nf4"):
             raise ValueError(f"quantization must be null or 'nf4', got {self.quantization!r}")
+        if self.tiny_tokens not in TINY_TOKENS:
+            raise ValueError(f"tiny_tokens must be one of {sorted(TINY_TOKENS)}, got {self.tiny_tokens!r}")
+        if self.native_thinking and (self.prompt_style != "chat" or self.response_prefix
+                                     or self.chat_template_kwargs.get("enable_thinking") is False):
+            raise ValueError("native_thinking renders the trace with the chat template's own thinking block: it "
+                             "needs prompt_style chat, no response_prefix and thinking left on "
+                             "(chat_template_kwargs.enable_thinking true, or not given)")
 
 
-def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts`` (every string stays encodable)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, tokens: str = "generic") -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` (every string stays encodable), with the fixed
+    tokens and chat template of :data:`TINY_TOKENS` ``[tokens]``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    family = TINY_TOKENS[tokens]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(family.special),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = TINY_CHAT_TEMPLATE
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.added])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos,
+                                   pad_token=family.pad)
+    fast.chat_template = family.template
     return fast
 
 
 def build_tiny(cfg: LLMConfig, texts: Iterable[str], outdir: Path) -> Path:
     """Build, save and return the directory of a random tiny LLM and its corpus-trained tokenizer."""
-    tokenizer = train_tiny_tokenizer(texts, cfg.tiny_vocab_size)
+    tokenizer = train_tiny_tokenizer(texts, cfg.tiny_vocab_size, cfg.tiny_tokens)
     kwargs = dict(cfg.tiny)
     model_type = kwargs.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -110,7 +161,7 @@ def load_llm(cfg: LLMConfig, path: str | Path | None = None, device: torch.devic
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if cfg.chat_template is not None:
-        tokenizer.chat_template = cfg.chat_template
+        tokenizer.chat_template = resolve_template(cfg.chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for p in model.parameters():
@@ -142,24 +193,47 @@ class PromptFormatter:
     def __init__(self, tokenizer, cfg: LLMConfig) -> None:
         self.tokenizer, self.cfg = tokenizer, cfg
 
+    def _messages(self, prompt: str) -> list[dict]:
+        messages = [{"role": "user", "content": prompt}]
+        if self.cfg.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        return messages
+
+    def _text(self, prompt: str) -> str:
+        """The whole prompt as text, up to where the model's answer begins."""
+        if self.cfg.prompt_style == "chat":
+            text = self.tokenizer.apply_chat_template(self._messages(prompt), tokenize=False,
+                                                      add_generation_prompt=True, **self.cfg.chat_template_kwargs)
+        else:
+            text = (self.tokenizer.bos_token or "") + self.cfg.plain_template.format(prompt=prompt)
+        return text + self.cfg.response_prefix
+
     def render(self, prompt: str, audio: bool = True) -> tuple[str, str]:
         """The text before and after the audio placeholder (all of it before, for a text-only prompt)."""
         if (AUDIO in prompt) != audio:
             raise ValueError(f"{'an audio' if audio else 'a text-only'} example needs "
                              f"{'one' if audio else 'no'} {AUDIO} placeholder in its prompt: {prompt!r}")
-        if self.cfg.prompt_style == "chat":
-            messages = [{"role": "user", "content": prompt}]
-            if self.cfg.system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                      **self.cfg.chat_template_kwargs)
-        else:
-            text = (self.tokenizer.bos_token or "") + self.cfg.plain_template.format(prompt=prompt)
-        text += self.cfg.response_prefix
+        text = self._text(prompt)
         if not audio:
             return text, ""
         before, after = text.split(AUDIO, 1)
         return before, after
+
+    def target_text(self, prompt: str, target: str) -> str:
+        """What the model learns to write after the prompt (EOS excluded): the stage-2 target, or with
+        ``native_thinking`` the template's rendering of it as an answer, the trace in its thinking block."""
+        if not self.cfg.native_thinking:
+            return target
+        trace, answer = split_reasoning_target(target)
+        turn = {"role": "assistant", "content": answer, "reasoning_content": trace}
+        whole = self.tokenizer.apply_chat_template(self._messages(prompt) + [turn], tokenize=False,
+                                                   **self.cfg.chat_template_kwargs)
+        head, eos = self._text(prompt), self.tokenizer.eos_token
+        if not whole.startswith(head) or eos not in whole[len(head):] or trace not in whole:
+            raise ValueError("native_thinking needs a chat template that renders an answer's reasoning_content "
+                             f"after the generation prompt and ends it with EOS ({eos!r}), as Qwen3's does; "
+                             f"this one renders {whole[len(head) - 40 :]!r}")
+        return whole[len(head) : whole.rindex(eos)]
 
     def tokenize(self, prompt: str, target: str | None = None,
                  audio: bool = True) -> tuple[list[int], list[int], list[int]]:
@@ -173,7 +247,7 @@ class PromptFormatter:
         enc = lambda texts: self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
         before, after = enc([b for b, _ in rendered]), enc([a for _, a in rendered])
         eos = self.tokenizer.eos_token_id
-        target = enc([t or "" for t in targets])
+        target = enc([self.target_text(p, t) if t is not None else "" for p, t in zip(prompts, targets)])
         target = [ids + [eos] if t is not None else [] for ids, t in zip(target, targets)]
         return list(zip(before, after, target))
 
