@@ -163,6 +163,12 @@ def test_native_thinking_puts_the_trace_in_qwen3s_block(tokenizer):
         rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
         text_before, text_after = f.render(prompt)
         assert text_before + prompts.AUDIO + text_after + f.target_text(prompt, target) + "<|im_end|>\n" == rendered
+        # a text-only prompt (the cascade's): its ids and the target's are the whole conversation's ids
+        text_prompt = prompts.text_prompt(prompt, "I pay thirty dollars.")
+        text_ids, _, target_ids = f.tokenize(text_prompt, target, audio=False)
+        whole = tokenizer.apply_chat_template([{"role": "user", "content": text_prompt},
+                                               {"role": "assistant", "content": written}], tokenize=False)
+        assert text_ids + target_ids == tokenizer(whole.removesuffix("\n"), add_special_tokens=False)["input_ids"]
         # and what the model writes back parses to the answer, its trace kept for speechllm-infer
         assert parse_slots(written).slots == GOLD | {"due_date": "None"} and answer_complete(written)
         assert (reasoning_part(written) is None) == (switch == prompts.NO_THINK)

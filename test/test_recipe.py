@@ -150,7 +150,7 @@ def test_infer_prompts_for_the_slots_given(recipe, tmp_path, monkeypatch, capsys
     from speechllm.bin import infer
     from speechllm.corpus.synth import synthesize
     from speechllm.model.speechllm import SpeechLLM
-    from speechllm.parsing import parse_slots
+    from speechllm.parsing import parse_slots, reasoning_part, response_part
 
     wav = tmp_path / "turn.wav"
     sf.write(wav, synthesize("I'd like to raise my credit limit to $5,000.", "en-us+f2", 160, 50), 16000)
@@ -179,7 +179,8 @@ def test_infer_prompts_for_the_slots_given(recipe, tmp_path, monkeypatch, capsys
     (output,) = outputs
     parsed = parse_slots(output)
     assert (line["file"], line["slots"], line["parseable"]) == (str(wav), parsed.slots, parsed.parseable)
-    assert ("reasoning" in line) == ("<thinking>" in output)
+    assert line.get("reasoning") == reasoning_part(output)  # the trace, as the output wrote it
+    assert line.get("output") == (None if parsed.parseable else response_part(output))
 
 
 def short_training(recipe: Path) -> str:

@@ -40,7 +40,8 @@ from speechllm.data import TokenizedSet, tokenized
 from speechllm.formatting import build_examples
 from speechllm.io_utils import InputError, atomic_write, read_json, read_kaldi_map, replace_dir
 from speechllm.lock import exclusive
-from speechllm.model.builder import save_model
+from speechllm.model.builder import save_model, tiny_base_llm
+from speechllm.model.llm import LLMConfig
 from speechllm.parsing import first_braced, parse_slots
 from speechllm.run_log import cut_back
 from speechllm.train import Trainer, build_and_train
@@ -442,6 +443,15 @@ def test_a_prebuilt_tiny_llm_does_not_change_the_initial_weights(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:  # lr 0: the weights after two steps are the initial ones
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=0, msg=name)
+
+
+def test_a_tiny_llm_built_from_other_settings_is_refused(tmp_path):
+    """A rerun with another tokenizer family would otherwise train on the old base (no <think> tokens)."""
+    texts = lambda: ["find the slots"] * 3  # noqa: E731
+    base = tiny_base_llm(LLMConfig(**tiny_llm_dict()), texts, tmp_path / "base_llm")
+    assert tiny_base_llm(LLMConfig(**tiny_llm_dict()), texts, base) == base  # the same settings: reused
+    with pytest.raises(InputError, match="built from other tiny settings.*'tiny_tokens': 'generic'"):
+        tiny_base_llm(LLMConfig(**tiny_llm_dict(tiny_tokens="qwen3")), texts, base)
 
 
 # -- 11. every drop counted and named; logs that match the checkpoint ------------------------------------

@@ -42,7 +42,8 @@ def generate_rows(path: Path, rows: int, seed: int = 0) -> None:
             slots = {f"slot_{k}": words(rng.randint(1, 3)) for k in range(rng.randint(0, 3))}
             answer = json.dumps(slots)
             think = i % 2 == 1
-            target = f"<thinking>{words(rng.randint(40, 120))}</thinking><response>{answer}</response>" if think else answer
+            trace = words(rng.randint(40, 120))
+            target = f"<thinking>\n{trace}\n</thinking>\n<response>\n{answer}\n</response>" if think else answer
             prompt = (f"Previous turns: {words(rng.randint(10, 80))}\nCurrent turn: {words(rng.randint(5, 40))}\n"
                       f"Find all slot values. Format the output as JSON. {'/think' if think else '/no_think'}")
             f.write(json.dumps({"id": f"r{i:08d}", "utt_id": f"u{i // 2:08d}", "feats": None, "prompt": prompt,

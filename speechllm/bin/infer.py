@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         reasoning = reasoning_part(output)
         if reasoning is not None:
             result["reasoning"] = reasoning
-        elif not parsed.parseable:
+        if not parsed.parseable:
             result["output"] = response_part(output)
         print(json.dumps(result, ensure_ascii=False), flush=True)
     sys.exit(status)

