@@ -6,20 +6,28 @@ costs a small fraction of a slot-filling step. It pushes each audio position tow
 embeddings of the tokens spoken there, which the LLM already knows how to read; slot-filling
 training then starts from the aligned adapter (and, with ``audio_input: ctc_tokens``, reads the
 head's collapsed token-space output, and with ``ctc_weight`` keeps adding the same CTC loss,
-``CTCObjective``, to the LLM's). Greedy CTC word error rate on held-out turns, and how many of
-their slot values the greedy transcript contains, are logged as it trains (each evaluation's
-transcripts in ``valid_hyp_step<N>.tsv``).
+``CTCObjective``, to the LLM's).
+
+The phase trains on the training turns and, when stage 1 made one, the alignment corpus
+(:mod:`speechllm.corpus.alignment`: many more voices and values than a recipe's turns), less every
+sentence of the held-out sets. Greedy CTC word error rate on each held-out set, and the share of
+its slot values that the greedy transcript contains (also for the values that no training text
+holds, :mod:`speechllm.novelty`), are logged as it trains (``align_log.jsonl``, ``align_curve.png``,
+each evaluation's transcripts in ``<set>_hyp_step<N>.tsv``). Its result is kept in a directory of
+its own, which every mode of a recipe run can share (``--align_dir``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import jiwer
 import torch
@@ -27,31 +35,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from speechllm.data import Example, TokenizedSet, load_feats
+from speechllm.data import Example, TokenizedSet, load_feats, read_examples
 from speechllm.distributed import World
-from speechllm.io_utils import atomic_write
+from speechllm.features import read_whisper_record
+from speechllm.io_utils import InputError, atomic_write, read_json, read_kaldi_map, read_slots
+from speechllm.lock import exclusive
 from speechllm.metrics import holds
 from speechllm.model.adapter import FrameStackAdapter
 from speechllm.model.ctc_head import CTCEmbeddingHead, token_vocab
 from speechllm.model.speechllm import SpeechLLM
+from speechllm.novelty import SeenText
+from speechllm.plots import plot_alignment
 from speechllm.slots import filled_pairs
+from speechllm.train_config import AlignConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AlignConfig:
-    """The ``align:`` block of a training config; ``steps: 0`` (the default) turns the phase off."""
-
-    steps: int = 0
-    batch_size: int = 16
-    lr: float = 1.0e-3
-    eval_every: int = 50
-    vocab: str = "transcripts"  # CTC classes: "transcripts" (tokens of the training transcripts) or "full"
-
-    def __post_init__(self) -> None:
-        if self.vocab not in ("transcripts", "full"):
-            raise ValueError(f"vocab must be 'transcripts' or 'full', not {self.vocab!r}")
 
 
 def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
@@ -68,14 +66,23 @@ def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
     return out
 
 
-def values_heard(examples: list[Example], hypotheses: list[str]) -> tuple[int, int]:
-    """How many filled slot values occur (normalised as by the metrics) in their turn's hypothesis.
+def values_heard(examples: list[Example], hypotheses: list[str], seen: SeenText | None = None) -> dict[str, int]:
+    """How many filled slot values occur (normalised as by the metrics) in their turn's hypothesis, in
+    all turns and in the novel ones (turns whose values no text of ``seen`` holds).
 
     The WER over all words hides what slot filling needs: a 0.4 WER can get every common word
     right and every name and number wrong.
     """
-    pairs = [(hyp, value) for example, hyp in zip(examples, hypotheses) for _, value in filled_pairs(example.slots)]
-    return sum(holds(hyp, value) for hyp, value in pairs), len(pairs)
+    counts = dict.fromkeys(("values_heard", "values", "novel_heard", "novel_values"), 0)
+    for example, hyp in zip(examples, hypotheses):
+        novel = seen is not None and seen.novel_turn(example.slots)
+        for _, value in filled_pairs(example.slots):
+            heard = holds(hyp, value)
+            counts["values"] += 1
+            counts["values_heard"] += heard
+            counts["novel_values"] += novel
+            counts["novel_heard"] += heard and novel
+    return counts
 
 
 def wer_text(text: str) -> str:
@@ -165,12 +172,26 @@ class AdapterAligner(CTCObjective):
         self.optimizer.step()
         return loss.item()
 
-    def run(self, train: list[Example], valid: list[Example], steps: int, outdir: Path, writer=None,
-            eval_every: int = 50) -> list[dict]:
-        """``steps`` CTC updates on seeded random batches; returns the logged history."""
+    def evaluate(self, name: str, examples: list[Example], seen: SeenText, step: int, outdir: Path) -> dict:
+        """Greedy CTC WER and slot values heard on one held-out set; its transcripts to a TSV."""
+        wer, pairs = self.wer(examples, self.batch_size)
+        counts = values_heard(examples, [hyp for _, hyp in pairs], seen)
+        with open(outdir / f"{name}_hyp_step{step}.tsv", "w", encoding="utf-8") as f:
+            f.writelines(f"{e.utt_id}\t{ref}\t{hyp}\n" for e, (ref, hyp) in zip(examples, pairs))
+        log.info("align step %d, %s: greedy CTC WER %.3f, slot values heard %d of %d (novel: %d of %d; e.g. %r -> %r)",
+                 step, name, wer, counts["values_heard"], counts["values"], counts["novel_heard"],
+                 counts["novel_values"], *(pairs[0] if pairs else ("", "")))
+        return {f"{name}_wer": wer, **{f"{name}_{key}": n for key, n in counts.items()}}
+
+    def run(self, turns: list[Example], evals: dict[str, list[Example]], seen: SeenText, steps: int, outdir: Path,
+            writer=None, eval_every: int = 50) -> list[dict]:
+        """``steps`` CTC updates on seeded random batches of ``turns``, evaluated on every set of ``evals``
+        every ``eval_every`` steps; returns the logged history."""
         outdir.mkdir(parents=True, exist_ok=True)
+        log_path = outdir / "align_log.jsonl"  # a line per evaluation: a killed phase keeps its curve so far
+        log_path.write_text("", encoding="utf-8")
         rng = random.Random(f"align-{self.seed}")
-        usable = [e for e in train if e.text.strip()]
+        usable = [e for e in turns if e.text.strip()]
         history: list[dict] = []
         start, losses, n_nonfinite = time.time(), [], 0
         self.adapter.train()
@@ -187,26 +208,28 @@ class AdapterAligner(CTCObjective):
             else:
                 losses.append(loss)
             if step % eval_every == 0 or step == steps:
-                self.adapter.eval()
-                wer, pairs = self.wer(valid, self.batch_size) if valid else (float("nan"), [])
-                self.adapter.train()
-                heard, n_values = values_heard(valid, [hyp for _, hyp in pairs])
-                record = {"step": step, "ctc_loss": sum(losses) / len(losses) if losses else None, "valid_wer": wer,
-                          "valid_values_heard": heard, "valid_values": n_values, "elapsed_s": time.time() - start}
+                record = {"step": step, "ctc_loss": sum(losses) / len(losses) if losses else None,
+                          "elapsed_s": time.time() - start}
                 losses = []
+                self.adapter.eval()
+                for name, examples in evals.items():
+                    record.update(self.evaluate(name, examples, seen, step, outdir))
+                self.adapter.train()
                 history.append(record)
-                with open(outdir / f"valid_hyp_step{step}.tsv", "w", encoding="utf-8") as f:
-                    f.writelines(f"{e.utt_id}\t{ref}\t{hyp}\n" for e, (ref, hyp) in zip(valid, pairs))
-                log.info("align step %d: CTC loss %s, greedy CTC WER %.3f, slot values heard %d of %d "
-                         "(e.g. %r -> %r)", step, "-" if record["ctc_loss"] is None else f"{record['ctc_loss']:.3f}", wer, heard, n_values,
-                         *(pairs[0] if pairs else ("", "")))
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info("align step %d: CTC loss %s", step,
+                         "-" if record["ctc_loss"] is None else f"{record['ctc_loss']:.3f}")
                 if writer is not None:
-                    if record["ctc_loss"] is not None:
-                        writer.add_scalar("align/ctc_loss", record["ctc_loss"], step)
-                    writer.add_scalar("align/valid_wer", wer, step)
-                    writer.add_scalar("align/valid_values_heard", heard / max(n_values, 1), step)
-        with open(outdir / "align_log.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
+                    for key, value in record.items():
+                        if key.endswith("_wer") or (key == "ctc_loss" and value is not None):
+                            writer.add_scalar(f"align/{key}", value, step)
+                    for name in evals:
+                        for kind, total in (("values_heard", "values"), ("novel_heard", "novel_values")):
+                            if record[f"{name}_{total}"]:
+                                writer.add_scalar(f"align/{name}_{kind}", record[f"{name}_{kind}"]
+                                                  / record[f"{name}_{total}"], step)
+        plot_alignment(history, list(evals), outdir / "align_curve.png")
         return history
 
 
@@ -217,38 +240,108 @@ def new_ctc_head(model: SpeechLLM, vocab: str, transcripts: list[str]) -> CTCEmb
     return CTCEmbeddingHead(embeddings, classes).to(model.device)
 
 
-def unique_turns(dataset: TokenizedSet | None) -> list[Example]:
+def unique_turns(examples: Iterable[Example]) -> list[Example]:
     """One example per utterance (a turn appears once per mode row and query draw)."""
-    if dataset is None:
-        return []
-    return list({e.utt_id: e for e in map(dataset.example, range(len(dataset)))}.values())
+    return list({e.utt_id: e for e in examples}.values())
 
 
-def run_alignment_phase(model: SpeechLLM, cfg: AlignConfig, train: TokenizedSet, valid: TokenizedSet | None,
-                        outdir: Path, seed: int, world: World, writer=None, max_nonfinite_steps: int = 10) -> None:
-    """Align ``model``'s adapter (and CTC head) once, on rank 0, into ``outdir/align/``; every rank then
-    loads the result. A finished phase is reloaded, not repeated; one whose weights are not finite is
-    never saved."""
-    done = outdir / "align" / "adapter.pt"
-    head_file = done.with_name("ctc_head.pt")
-    if world.is_main and not done.exists():
-        turns = unique_turns(train)
-        head = model.ctc_head  # None unless the LLM reads through it: then it serves this phase only
-        if head is None:
-            head = new_ctc_head(model, cfg.vocab, [e.text for e in turns])
-        aligner = AdapterAligner(model.adapter, head, model.tokenizer, cfg.lr, cfg.batch_size, seed,
-                                 max_nonfinite_steps)
-        aligner.run(turns, unique_turns(valid), cfg.steps, done.parent, writer, cfg.eval_every)
-        bad = [n for n, t in [*model.adapter.state_dict().items(), *head.state_dict().items()]
-               if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise RuntimeError(f"the aligned {bad[0]} holds non-finite values: not saved to {done.parent}")
-        with atomic_write(head_file, "wb") as f:
-            torch.save(head.state_dict(), f)
-        with atomic_write(done, "wb") as f:
-            torch.save(model.adapter.state_dict(), f)
+def set_turns(dataset: TokenizedSet | None) -> list[Example]:
+    """The turns of a tokenised stage-2 set."""
+    return [] if dataset is None else unique_turns(map(dataset.example, range(len(dataset))))
+
+
+def corpus_turns(corpus: Path, held_out: Iterable[str], whisper: str | None) -> list[Example]:
+    """The turns of an alignment corpus (stage 1: ``<corpus>/data/align``, ``<corpus>/dump``), less every
+    sentence of the held-out sets (their count is logged). Its features must come from ``whisper``."""
+    dump, data = corpus / "dump", corpus / "data" / "align"
+    if not (dump / "feats.scp").is_file():
+        raise InputError(f"{dump / 'feats.scp'} not found: stage 1 makes the alignment corpus (--align_calls)")
+    recorded = read_whisper_record(dump)
+    if whisper is not None and recorded != whisper:
+        raise InputError(f"{dump} holds features of Whisper {recorded!r}, the training set's are {whisper!r}")
+    banned = {wer_text(t) for t in held_out}
+    text, slots = read_kaldi_map(data / "text"), read_slots(data / "slots.jsonl")
+    frames = read_kaldi_map(dump / "utt2num_frames")
+    out = [Example(utt, utt, location, "", "", slots.get(utt, {}), "align", text[utt], int(frames[utt]))
+           for utt, location in read_kaldi_map(dump / "feats.scp").items()]
+    kept = [e for e in out if wer_text(e.text) not in banned]
+    log.info("alignment corpus %s: %d turns (%d left out: sentences of the held-out sets)", corpus, len(kept),
+             len(out) - len(kept))
+    return kept
+
+
+@dataclass
+class AlignmentData:
+    """What the alignment phase trains and is measured on, and the directory that keeps its result."""
+
+    directory: Path
+    turns: list[Example]  # the training turns, then the alignment corpus's
+    evals: dict[str, list[Example]] = field(default_factory=dict)  # held-out turns per set: valid first
+    corpus: str | None = None
+
+    def seen(self) -> SeenText:
+        """Every text the phase trains on: what makes an evaluation value novel."""
+        return SeenText(e.text for e in self.turns)
+
+
+def alignment_data(directory: Path, train: TokenizedSet, valid: TokenizedSet | None, corpus: Path | None = None,
+                   eval_jsonls: Iterable[Path] = (), whisper: str | None = None) -> AlignmentData:
+    """The training turns and the corpus's, and the held-out sets: ``valid``, then one per ``eval_jsonls``
+    file, named by its directory (``dump/test/regular.jsonl``: ``test``)."""
+    evals = {"valid": set_turns(valid)} if valid is not None else {}
+    for path in eval_jsonls:
+        evals[Path(path).parent.name] = unique_turns(read_examples(path))
+    turns = set_turns(train)
+    if corpus is not None:
+        turns += corpus_turns(corpus, (e.text for examples in evals.values() for e in examples), whisper)
+    return AlignmentData(directory, turns, evals, None if corpus is None else str(Path(corpus).resolve()))
+
+
+def run_alignment_phase(model: SpeechLLM, cfg: AlignConfig, data: AlignmentData, identity: dict, seed: int,
+                        world: World, writer=None, max_nonfinite_steps: int = 10) -> dict:
+    """Align ``model``'s adapter (and CTC head) once, on rank 0, into ``data.directory``; every rank then
+    loads the result. A finished phase is reloaded, not repeated, if it was made with the same
+    ``identity`` (the LLM, the adapter's shape, the phase's config and data), and refused otherwise;
+    one whose weights are not finite is never saved. Returns the phase's last evaluation."""
+    directory = data.directory
+    done, head_file, record_file = directory / "adapter.pt", directory / "ctc_head.pt", directory / "align.json"
+    record = {**identity, "align": dataclasses.asdict(cfg), "seed": seed, "turns": len(data.turns),
+              "corpus": data.corpus}
+    if world.is_main:
+        with exclusive(directory, "alignment"):
+            if done.exists():
+                made = read_json(record_file)
+                if made != record:
+                    changed = sorted(k for k in {*made, *record} if made.get(k) != record.get(k))
+                    raise InputError(f"{directory} was aligned with other settings ({', '.join(changed)} differ): "
+                                     "remove it or align into another --align_dir (sf.sh: another --tag)")
+                log.info("alignment phase: reusing %s", directory)
+            else:
+                align(model, cfg, data, seed, writer, max_nonfinite_steps)
+                with atomic_write(record_file) as f:
+                    json.dump(record, f, indent=1)
     world.barrier()
     model.adapter.load_state_dict(torch.load(done, map_location=world.device))
     if model.ctc_head is not None:
         model.ctc_head.load_state_dict(torch.load(head_file, map_location=world.device))
     log.info("alignment phase done: adapter loaded from %s", done)
+    *_, last = (json.loads(line) for line in open(directory / "align_log.jsonl", encoding="utf-8"))
+    return {"dir": str(directory.resolve()), **last}
+
+
+def align(model: SpeechLLM, cfg: AlignConfig, data: AlignmentData, seed: int, writer=None,
+          max_nonfinite_steps: int = 10) -> None:
+    """Run the phase and save the adapter and head (``adapter.pt`` last: it marks the phase done)."""
+    head = model.ctc_head  # None unless the LLM reads through it: then it serves this phase only
+    if head is None:
+        head = new_ctc_head(model, cfg.vocab, [e.text for e in data.turns])
+    aligner = AdapterAligner(model.adapter, head, model.tokenizer, cfg.lr, cfg.batch_size, seed, max_nonfinite_steps)
+    aligner.run(data.turns, data.evals, data.seen(), cfg.steps, data.directory, writer, cfg.eval_every)
+    bad = [n for n, t in [*model.adapter.state_dict().items(), *head.state_dict().items()]
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise RuntimeError(f"the aligned {bad[0]} holds non-finite values: not saved to {data.directory}")
+    with atomic_write(data.directory / "ctc_head.pt", "wb") as f:
+        torch.save(head.state_dict(), f)
+    with atomic_write(data.directory / "adapter.pt", "wb") as f:
+        torch.save(model.adapter.state_dict(), f)

@@ -1,5 +1,5 @@
-"""Every figure of the toolkit: training loss (stage 3), learning curves, and partial F1 per system
-and mode (stage 5).
+"""Every figure of the toolkit: training loss (stage 3), learning curves, the alignment phase's curves,
+and partial F1 per system and mode (stage 5).
 
 matplotlib is imported inside each function with the Agg backend, so modules that import this one
 start fast and plot without a display. A PNG is written aside and renamed, like every other output.
@@ -71,6 +71,29 @@ def plot_curves(curves: list[tuple[str, list[dict]]], png: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    _save(fig, png)
+
+
+def plot_alignment(history: list[dict], sets: list[str], png: Path) -> None:
+    """The alignment phase's greedy CTC WER and slot-value recall (all values, and the novel turns'
+    where a set has them) on each held-out set against CTC steps (``align_log.jsonl``)."""
+    plt = _pyplot()
+    fig, (wer_ax, recall_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [r["step"] for r in history]
+    for name in sets:
+        line, = wer_ax.plot(steps, [r[f"{name}_wer"] for r in history], "o-", label=name)
+        for kind, total, style, label in (("values_heard", "values", "o-", name),
+                                          ("novel_heard", "novel_values", "s--", f"{name}, novel values")):
+            if history and history[-1][f"{name}_{total}"]:
+                recall_ax.plot(steps, [r[f"{name}_{kind}"] / r[f"{name}_{total}"] for r in history], style,
+                               color=line.get_color(), label=label)
+    for ax, title in ((wer_ax, "greedy CTC WER"), (recall_ax, "slot values heard (recall)")):
+        ax.set_xlabel("CTC step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    recall_ax.set_ylim(0, 1)
     fig.tight_layout()
     _save(fig, png)
 

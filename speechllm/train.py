@@ -11,12 +11,14 @@ averages over every target token of the step, however the batch was split. Only 
 The experiment dir receives ``tokens/`` (the stage-2 files tokenised once, see
 :class:`speechllm.data.TokenizedSet`), ``checkpoints/`` (:mod:`speechllm.checkpoint`), ``model/``
 (the final model), ``tensorboard/``, ``train_log.jsonl`` and ``loss.png``; with an alignment phase
-``align/`` (:mod:`speechllm.align`), with learning curves ``curve.jsonl`` (:mod:`speechllm.evaluate`).
+``alignment.json`` (the aligned dir it started from, by default ``align/``, and the phase's last
+evaluation; :mod:`speechllm.align`), with learning curves ``curve.jsonl`` (:mod:`speechllm.evaluate`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import warnings
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from speechllm.align import CTCObjective, new_ctc_head, run_alignment_phase, unique_turns
+from speechllm.align import AlignmentData, CTCObjective, alignment_data, new_ctc_head, run_alignment_phase
 from speechllm.budget import Budget, TimeLimit
 from speechllm.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                   set_seed)
@@ -39,7 +41,7 @@ from speechllm.data import (BatchPlan, TokenizedSet, bucketed_batches, collate, 
 from speechllm.decode import new_token_cap
 from speechllm.distributed import World
 from speechllm.evaluate import CurveEvaluator, validation_loss
-from speechllm.io_utils import InputError
+from speechllm.io_utils import InputError, atomic_write
 from speechllm.model.builder import ModelSpec, build_speechllm, save_model, tiny_base_llm
 from speechllm.model.llm import LLMConfig
 from speechllm.model.speechllm import ModelInput, SpeechLLM
@@ -53,14 +55,16 @@ log = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, model: SpeechLLM, spec: ModelSpec, cfg: TrainConfig, train: TokenizedSet,
                  valid: TokenizedSet | None, outdir: Path, base_path: Path | None = None,
-                 world: World = World(), stop_at: float | None = None, resume_flag: Path | None = None) -> None:
+                 world: World = World(), stop_at: float | None = None, resume_flag: Path | None = None,
+                 alignment: AlignmentData | None = None) -> None:
         """``stop_at`` (a Unix time: the job's end) makes :meth:`train` checkpoint, create ``resume_flag``
-        and raise :class:`TimeLimit` while there is still time to, rather than be killed mid-step."""
+        and raise :class:`TimeLimit` while there is still time to, rather than be killed mid-step.
+        ``alignment``: the data of the alignment phase (with ``align.steps``)."""
         if cfg.effective_batch is not None:
             cfg = dataclasses.replace(cfg, grad_accum=accumulation_for(cfg, world.size))
         self.model, self.spec, self.cfg, self.world = model, spec, cfg, world
         self.outdir, self.base_path, self.stop_at, self.resume_flag = outdir, base_path, stop_at, resume_flag
-        self.train_set, self.valid_set = train, valid
+        self.train_set, self.valid_set, self.alignment = train, valid, alignment
         spec.max_target_tokens = int(train.n_target.max())
         self.global_batch = cfg.batch_size * world.size
         full, rest = divmod(len(train), self.global_batch)
@@ -239,10 +243,17 @@ class Trainer:
         if cfg.eval_every and main:
             curve = CurveEvaluator(self.valid_set, cfg.eval_max_examples, cfg.batch_size,
                                    cfg.eval_max_new_tokens or new_token_cap(self.spec), self.outdir)
-        # the alignment phase, once, before the first step (a text-only model has no adapter to align)
-        if cfg.align.steps > 0 and self.step == 0 and self.model.adapter is not None:
-            run_alignment_phase(self.model, cfg.align, self.train_set, self.valid_set, self.outdir, cfg.seed,
-                                world, run_log, cfg.max_nonfinite_steps)
+        # the alignment phase, once, before the first step
+        if self.alignment is not None and self.step == 0:
+            llm = {k: self.spec.llm.get(k) for k in ("name_or_path", "tiny", "tiny_vocab_size", "tiny_tokens")}
+            identity = {"llm": llm, "whisper": self.spec.whisper, "feat_dim": self.spec.feat_dim,
+                        "adapter_hidden": self.spec.adapter_hidden, "stack": self.spec.stack}
+            with budget.paused():  # the phase is shared by the modes of a run: no one mode's budget pays for it
+                aligned = run_alignment_phase(self.model, cfg.align, self.alignment, identity, cfg.seed, world,
+                                              run_log, cfg.max_nonfinite_steps)
+            if main:  # what the experiment started from, for stage 5's tables
+                with atomic_write(self.outdir / "alignment.json") as f:
+                    json.dump(aligned, f, indent=1)
         self.model.train()
         log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d = %d x %d x %d processes",
                  len(self.train_set), self.total_steps, self.steps_per_epoch,
@@ -303,8 +314,13 @@ class Trainer:
 def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, valid_jsonl: Path | None,
                     outdir: Path, whisper: str | None = None, mode: str | None = None,
                     world: World = World(), stop_at: float | None = None,
-                    resume_flag: Path | None = None) -> SpeechLLM:
-    """Build the model (and a tiny base LLM when the config asks for one), tokenise the data, train."""
+                    resume_flag: Path | None = None, align_dir: Path | None = None, align_corpus: Path | None = None,
+                    align_evals: list[Path] = ()) -> SpeechLLM:
+    """Build the model (and a tiny base LLM when the config asks for one), tokenise the data, train.
+
+    With ``align.steps`` the adapter is first aligned into ``align_dir`` (default ``<outdir>/align``;
+    one dir can serve several experiments), on the training turns and ``align_corpus`` (stage 1's
+    alignment corpus), measured on the validation set and the ``align_evals`` stage-2 files."""
     for path in (train_jsonl, valid_jsonl):
         if path is not None and not Path(path).is_file():
             raise InputError(f"{path} not found (stage 2 writes it)")
@@ -328,10 +344,13 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, val
                      stack=cfg.stack, whisper=whisper, mode=mode, audio_input=audio_input)
     model = build_speechllm(spec, base_path, world.device, cfg.gradient_checkpointing)
     train = tokenized(model, train_jsonl, outdir / "tokens" / "train", world)
-    if audio_input == "ctc_tokens":
-        model.ctc_head = new_ctc_head(model, cfg.align.vocab, [e.text for e in unique_turns(train)])
     valid = None if valid_jsonl is None else \
         tokenized(model, valid_jsonl, outdir / "tokens" / "valid", world, cfg.valid_max_examples)
-    trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world, stop_at, resume_flag)
+    alignment = None
+    if cfg.align.steps > 0 and model.adapter is not None:  # a text-only model has no adapter to align
+        alignment = alignment_data(align_dir or outdir / "align", train, valid, align_corpus, align_evals, whisper)
+    if audio_input == "ctc_tokens":
+        model.ctc_head = new_ctc_head(model, cfg.align.vocab, [e.text for e in alignment.turns])
+    trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world, stop_at, resume_flag, alignment)
     trainer.train()
     return model

@@ -8,9 +8,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from speechllm.align import AlignConfig
-
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignConfig:
+    """The ``align:`` block of a training config; ``steps: 0`` (the default) turns the phase off."""
+
+    steps: int = 0
+    batch_size: int = 16
+    lr: float = 1.0e-3
+    eval_every: int = 50
+    vocab: str = "transcripts"  # CTC classes: "transcripts" (tokens of the training transcripts) or "full"
+
+    def __post_init__(self) -> None:
+        if self.vocab not in ("transcripts", "full"):
+            raise ValueError(f"vocab must be 'transcripts' or 'full', not {self.vocab!r}")
 
 
 @dataclass
@@ -38,7 +51,7 @@ class TrainConfig:
     align: AlignConfig = field(default_factory=AlignConfig)  # CTC alignment of the adapter (beyond the paper)
     audio_input: str = "adapter"  # what the LLM reads: "adapter" frames or "ctc_tokens" (needs align.steps > 0)
     ctc_weight: float = 0.0  # slot filling adds this times the CTC loss of the batch's transcripts (ctc_tokens)
-    max_minutes: float | None = None  # training time of the run, resumed jobs included (alignment too, evaluation not)
+    max_minutes: float | None = None  # slot-filling time, resumed jobs included (not alignment or evaluation)
     eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
     eval_max_examples: int = 40
     eval_max_new_tokens: int | None = None  # None: decoding's cap, from the longest training target

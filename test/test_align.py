@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_speechllm
-from speechllm.align import AdapterAligner, AlignConfig, CTCObjective, greedy_ctc, values_heard
+from speechllm.align import AdapterAligner, CTCObjective, alignment_data, greedy_ctc, values_heard
 from speechllm.data import load_feats, read_examples
 from speechllm.model.ctc_head import CTCEmbeddingHead, token_vocab
-from speechllm.train_config import TrainConfig
+from speechllm.novelty import SeenText
+from speechllm.train_config import AlignConfig, TrainConfig
 
 WORDS = "pay thirty dollars monthly raise limit five thousand name maria garcia card".split()
 
@@ -36,7 +37,14 @@ def test_values_heard_counts_filled_values_found_as_whole_words():
                 turn({})]
     hyps = ["thanks again lucas campbell.", "I need to transfer $2000, on the 21st of May", "hello"]
     # "$200" is not heard in "$2000"; "None" values do not count
-    assert values_heard(examples, hyps) == (2, 3)
+    assert values_heard(examples, hyps) == {"values_heard": 2, "values": 3, "novel_heard": 0, "novel_values": 0}
+    # novel turns: none of their values in a training text (the first turn's name was seen)
+    seen = SeenText(["my name is lucas campbell", "I paid 200 dollars"])
+    assert values_heard(examples, hyps, seen) == {"values_heard": 2, "values": 3, "novel_heard": 0,
+                                                  "novel_values": 0}
+    seen = SeenText(["my name is lucas campbell", "I paid 300 dollars"])
+    assert values_heard(examples, hyps, seen) == {"values_heard": 2, "values": 3, "novel_heard": 1,
+                                                  "novel_values": 2}
 
 
 def test_ctc_classes_are_the_tokens_of_the_training_transcripts(tmp_path):
@@ -121,12 +129,13 @@ def test_ctc_alignment_learns_to_transcribe(tmp_path):
     aligner = AdapterAligner(model.adapter, head, model.tokenizer, lr=3e-3, batch_size=16)
     assert len(aligner.vocab) < len(embeddings)
     wer_before, _ = aligner.wer(examples[:16])
-    history = aligner.run(examples, examples[:16], steps=300, outdir=tmp_path / "align", eval_every=100)
+    history = aligner.run(examples, {"valid": examples[:16]}, SeenText([]), steps=300, outdir=tmp_path / "align",
+                          eval_every=100)
     assert wer_before > 0.8
     assert history[-1]["valid_wer"] < 0.2, history
     assert history[-1]["ctc_loss"] < history[0]["ctc_loss"]
     assert torch.equal(model.llm.get_input_embeddings().weight, frozen)  # the LLM stays frozen
-    assert (tmp_path / "align" / "align_log.jsonl").exists()
+    assert (tmp_path / "align" / "align_log.jsonl").exists() and (tmp_path / "align" / "align_curve.png").exists()
     # the collapsed output of an aligned turn is its transcript, read off the nearest embedding rows
     exact = 0
     for e in examples[:16]:
@@ -181,7 +190,7 @@ def test_trainer_runs_the_alignment_phase_once(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", killed)
     data = tokenized(model, jsonl, exp / "tokens")
     with pytest.raises(Killed):
-        Trainer(model, spec, cfg, data, data, exp, base).train()
+        Trainer(model, spec, cfg, data, data, exp, base, alignment=alignment_data(exp / "align", data, data)).train()
     assert aligner_runs == [1] and not list((exp / "checkpoints").glob("step_*"))
     log_lines = (exp / "align" / "align_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log_lines] == [3, 6]
@@ -191,7 +200,8 @@ def test_trainer_runs_the_alignment_phase_once(tmp_path, monkeypatch):
     aligned = torch.load(exp / "align" / "adapter.pt")
     assert set(aligned) == set(model.adapter.state_dict())
     assert any(not torch.equal(aligned[k], fresh_adapter[k]) for k in aligned)
-    written = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (exp / "align").iterdir()}
+    written = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (exp / "align").iterdir()
+               if p.name != ".lock"}  # the lock names whoever holds the dir last
 
     # a new process: a fresh model, the same experiment dir
     torch.manual_seed(0)
@@ -199,9 +209,10 @@ def test_trainer_runs_the_alignment_phase_once(tmp_path, monkeypatch):
     assert all(torch.equal(v, fresh_adapter[k]) for k, v in model.adapter.state_dict().items())
     monkeypatch.setattr(Trainer, "train_step", recorded)
     data = tokenized(model, jsonl, exp / "tokens")
-    Trainer(model, spec, cfg, data, data, exp, base).train()
+    Trainer(model, spec, cfg, data, data, exp, base, alignment=alignment_data(exp / "align", data, data)).train()
     assert aligner_runs == [1]  # not repeated
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (exp / "align").iterdir()} == written
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (exp / "align").iterdir()
+            if p.name != ".lock"} == written
     (first,) = adapter_at_first_step
     for k in aligned:  # reloaded
         torch.testing.assert_close(first[k], aligned[k], rtol=0, atol=0, msg=k)

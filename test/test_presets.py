@@ -63,7 +63,16 @@ def test_preset_points_at_a_valid_training_config(recipe, preset):
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.parent.name for r in RECIPES])
 def test_default_training_fits_the_cpu_hour(recipe):
     config = load_yaml_dataclass(recipe / "conf" / "train.yaml", TrainConfig)
-    assert config.max_minutes == 6 and config.align.steps == 0
+    assert config.max_minutes == 6 and config.align.steps <= 2400  # per mode; one alignment per run
+
+
+def test_call_centre_default_aligns_on_the_alignment_corpus():
+    recipe = REPO / "egs" / "callcenter" / "sf1"
+    config = load_yaml_dataclass(recipe / "conf" / "train.yaml", TrainConfig)
+    assert config.align.steps > 0 and config.audio_input == "ctc_tokens"
+    script = "eval \"$(sed -n '/^# General$/,/^results_md=/p' sf.sh)\"; echo ${align_calls}"
+    calls = subprocess.run(["bash", "-c", script], cwd=recipe, capture_output=True, text=True, check=True).stdout
+    assert int(calls) >= 800
 
 
 def test_call_centre_long_preset():

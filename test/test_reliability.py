@@ -34,7 +34,6 @@ import speechllm.train
 from speechllm.bin import decode as decode_bin
 from speechllm.bin import dump_feats
 from speechllm.bin import train as train_bin
-from speechllm.align import AlignConfig
 from speechllm.bin.score import score_files
 from speechllm.data import TokenizedSet, tokenized
 from speechllm.formatting import build_examples
@@ -45,7 +44,7 @@ from speechllm.model.llm import LLMConfig
 from speechllm.parsing import first_braced, parse_slots
 from speechllm.run_log import cut_back
 from speechllm.train import Trainer, build_and_train
-from speechllm.train_config import TrainConfig
+from speechllm.train_config import AlignConfig, TrainConfig
 
 WHISPER = RECIPE / "conf" / "whisper" / "tiny_random.yaml"
 ROWS = [{"utt_id": f"u{i}", "prompt": "<audio>\nFind the slots.", "target": '{"amount": "%d dollars"}' % (10 * i),

@@ -210,3 +210,39 @@ def test_stage_table_names_each_stage_command_and_commit(runs, tmp_path):
     text = output.read_text()
     assert "| 1 | data | 610 | 2026-11-30T06:15:24 | - | - |" in text
     assert "| 3 | tiny_llama all | 40 | 2026-11-30T07:00:00 | `./run.sh --stage 3 --tag x` | abc1234 |" in text
+
+
+def test_novel_turns_are_scored_apart_and_tabled_with_the_alignment(tmp_path, monkeypatch):
+    """Stage 5 scores the turns whose values no training text holds on their own, and RESULTS.md sets
+    them beside all turns, with the CTC head's value recall and the steps of the exp dir."""
+    monkeypatch.setattr(score_bin, "setup_logging", lambda: None)
+    monkeypatch.setattr(results_bin, "setup_logging", lambda: None)
+    ref = write_stage2(tmp_path / "dump" / "test", "regular")  # u1: "30 dollars", u2: "5000"
+    hyp = tmp_path / "hyp.jsonl"
+    hyp.write_text(json.dumps({"id": "u1", "slots": {"payment_amount": "30 dollars"}}) + "\n"
+                   + json.dumps({"id": "u2", "slots": {"new_limit": "4000"}}) + "\n")
+    seen = tmp_path / "text"
+    seen.write_text("t1 I paid $30 last month\nt2 the limit is 4000\n")  # u1's value seen, u2's not
+    exp = tmp_path / "exp" / "run"
+    exp.mkdir(parents=True)
+    (exp / "train_log.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.5}\n'
+                                         '{"step": 10, "valid_loss": 0.7}\n')
+    (exp / "alignment.json").write_text(json.dumps({"dir": "x", "step": 300, "test_values": 8, "test_values_heard": 6,
+                                                    "test_novel_values": 4, "test_novel_heard": 1}))
+    ddir = tmp_path / "decode"
+    score_bin.main(["--ref_jsonl", str(ref), "--hyp_jsonl", str(hyp), "--outdir", str(ddir / "score"),
+                    "--mode", "regular", "--llm", "tiny_llama", "--set", "test", "--exp_dir", str(exp),
+                    "--seen_text", str(seen)])
+    scores = json.loads((ddir / "score" / "scores.json").read_text())
+    assert scores["partial"]["f1"] == 0.5 and scores["n_utts"] == 2
+    assert scores["novel"]["n_utts"] == 1 and scores["novel"]["partial"]["f1"] == 0.0  # u2 alone
+    output = tmp_path / "RESULTS.md"
+    results_bin.main(["--decode_dirs", str(ddir), "--output", str(output)])
+    text = output.read_text()
+    assert ("| tiny_llama | test | regular | 0.5000 / 0.0000 | 0.5000 / 0.0000 | 0.7619 / 0.6154 | 1 | "
+            "0.750 (6/8) / 0.250 (1/4) | 300 | 10 |") in text
+    # without --seen_text and alignment, no such table
+    score_bin.main(["--ref_jsonl", str(ref), "--hyp_jsonl", str(hyp), "--outdir", str(ddir / "score"),
+                    "--mode", "regular", "--llm", "tiny_llama", "--set", "test"])
+    results_bin.main(["--decode_dirs", str(ddir), "--output", str(output)])
+    assert "novel" not in output.read_text()

@@ -9,7 +9,10 @@ relative gain ΔF1 % = (F1_reasoning - F1_regular) / F1_regular x 100; Table 2 c
 model in each of its modes with the single-mode model of that mode; the cascade table sets the
 ASR + text-LLM baseline beside each system's best end-to-end mode. A full table lists exact and
 SLU-F1 as well, with the count of unparseable outputs, and a group table splits the scores by the
-groups of ``scores.json`` (SGD's seen and unseen services); ``--plot`` draws partial F1 per system
+groups of ``scores.json`` (SGD's seen and unseen services). The novel-value table sets each run's
+scores on all turns beside those on the turns whose values no training text holds (scored with
+``--seen_text``), with the share of slot values its aligned CTC head hears and the steps it trained
+(``alignment.json`` and ``train_log.jsonl`` of the exp dir). ``--plot`` draws partial F1 per system
 and mode.
 
 ``--llms``, ``--modes`` and ``--tag`` keep only the runs they name (``local/run_grid.sh`` gives them
@@ -19,6 +22,7 @@ every scored dir of ``exp/``); ``--list`` prints the decode dirs kept instead of
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -122,6 +126,49 @@ def environment() -> list[str]:
             f"GPU: {gpu}"]
 
 
+def ratio(heard: int, total: int) -> str:
+    return f"{heard / total:.3f} ({heard}/{total})" if total else "-"
+
+
+def training_of(exp_dir: str | None, dset: str) -> tuple[str, str, str]:
+    """A run's slot-filling steps, and its alignment's CTC steps and value recall on ``dset`` (all and
+    novel turns), from its exp dir; ``-`` for what it does not have."""
+    steps, ctc_steps, recall = "-", "-", "-"
+    if exp_dir and (Path(exp_dir) / "train_log.jsonl").is_file():
+        with open(Path(exp_dir) / "train_log.jsonl", encoding="utf-8") as f:
+            steps = str(max((json.loads(line).get("step", 0) for line in f), default=0))
+    if exp_dir and (Path(exp_dir) / "alignment.json").is_file():
+        aligned = read_json(Path(exp_dir) / "alignment.json")
+        ctc_steps = str(aligned["step"])
+        if f"{dset}_values" in aligned:
+            recall = (f"{ratio(aligned[f'{dset}_values_heard'], aligned[f'{dset}_values'])} / "
+                      f"{ratio(aligned[f'{dset}_novel_heard'], aligned[f'{dset}_novel_values'])}")
+    return steps, ctc_steps, recall
+
+
+def novel_rows(table: Table) -> list[str]:
+    """The novel-value table: F1 on all turns and on the novel ones, CTC value recall, steps."""
+    if not any("novel" in r or (r["run"].get("exp_dir") and (Path(r["run"]["exp_dir"]) / "alignment.json").is_file())
+               for modes in table.values() for r in modes.values() if "run" in r):
+        return []
+    out = ["", "## Heard or remembered: the novel-value turns (no training or alignment text holds their values)",
+           "", "F1 on all turns / on the novel ones; the CTC head's value recall on the same set (all / novel "
+           "turns) at the end of the alignment phase.", "",
+           "| system | test set | mode | partial F1 | exact F1 | SLU-F1 | novel utts | CTC value recall | "
+           "CTC steps | slot-filling steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (system, dset), modes in sorted(table.items()):
+        for mode in DECODES:
+            if mode in modes:
+                r = modes[mode]
+                novel = r.get("novel")
+                cells = [f"{r[k]['f1']:.4f} / {novel[k]['f1']:.4f}" if novel else f"{r[k]['f1']:.4f} / -"
+                         for k in ("partial", "exact", "slu_f1")]
+                steps, ctc_steps, recall = training_of(r.get("run", {}).get("exp_dir"), dset)
+                out.append(f"| {system} | {dset} | {mode} | {' | '.join(cells)} | "
+                           f"{novel['n_utts'] if novel else '-'} | {recall} | {ctc_steps} | {steps} |")
+    return out
+
+
 def render(table: Table, stage_times: Path | None, command: str) -> str:
     out = ["# Results", "", f"Produced by `{command}`.", "",
            "All numbers are micro-averaged over (slot, value) pairs with a filled value; partial match is "
@@ -168,6 +215,7 @@ def render(table: Table, stage_times: Path | None, command: str) -> str:
                              if g in r.get("groups", {}) else "-" for g in groups]
                     out.append(f"| {system} | {dset} | {mode} | {prf(r['partial'])} ({r['n_utts']}) | "
                                + " | ".join(cells) + " |")
+    out += novel_rows(table)
     out += ["", "## All scores", "",
             "| system | test set | mode | partial P / R / F1 | exact P / R / F1 | SLU-F1 P / R / F1 | "
             "utts | unparseable | missing | truncated |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -3,7 +3,9 @@
 Writes ``scores.json`` (partial, exact, SLU-F1 and span F1, per-slot scores, counts of missing,
 unparseable, truncated and loop-guarded outputs, and how many matched values the prompt's text also holds) and
 ``result.txt`` (the same as a table) into ``--outdir``. With ``--utt2group`` (e.g. SGD's seen and unseen
-services) each group is also scored on its own.
+services) each group is also scored on its own; with ``--seen_text`` (the texts the system trained
+on: the training set's, the alignment corpus's) so are the novel turns, whose slot values none of
+those texts holds (``novel``: values the model can only have heard, not remembered).
 
 ``scores.json`` starts with ``run``, the identity of what was scored, so that results tables never
 parse dir names: ``llm`` and ``tag`` as the recipe gives them, ``mode`` (the training mode) and
@@ -28,6 +30,7 @@ from speechllm.io_utils import InputError, atomic_write, read_kaldi_map
 from speechllm.logging_utils import setup_logging
 from speechllm.metrics import format_table, matches_in_prompt, score_corpus
 from speechllm.model.builder import SPEC_FILE, read_spec
+from speechllm.novelty import SeenText
 from speechllm.slots import Slots, is_slot_value
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,7 @@ def read_hypotheses(path: Path) -> dict[str, Hypothesis]:
 
 
 def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2group: Path | None = None,
-                allow_missing: bool = False) -> dict:
+                allow_missing: bool = False, seen: SeenText | None = None) -> dict:
     """Score a decode; a reference without a hypothesis (an incomplete decode) is an error unless
     ``allow_missing``, which counts its slots as false negatives."""
     examples = read_examples(ref_jsonl, mode)
@@ -130,7 +133,14 @@ def score_files(ref_jsonl: Path, hyp_jsonl: Path, mode: str | None = None, utt2g
         group_of = {e.id: groups[e.utt_id] for e in examples}
         result["groups"] = {g: score_corpus({i: r for i, r in refs.items() if group_of[i] == g}, pairs)
                             for g in sorted(set(group_of.values()))}
+    if seen is not None:
+        result["novel"] = score_corpus({i: r for i, r in refs.items() if seen.novel_turn(r)}, pairs)
     return result
+
+
+def seen_texts(paths: list[Path]) -> SeenText:
+    """The texts of Kaldi ``text`` files (``<utt> <text>``)."""
+    return SeenText(text for path in paths for text in read_kaldi_map(path, allow_empty_value=True).values())
 
 
 def whisper_of(dump_dir: Path, exp_dir: Path | None) -> str | None:
@@ -150,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outdir", type=Path, required=True)
     parser.add_argument("--title", default="")
     parser.add_argument("--utt2group", type=Path, help="'<utt> <group>' lines: also score each group")
+    parser.add_argument("--seen_text", type=Path, nargs="+", help="Kaldi text files of what the system trained on: "
+                        "also score the turns whose values none of them holds")
     run = parser.add_argument_group("the run, recorded in scores.json (mode and think come from --mode)")
     run.add_argument("--llm", help="the LLM config (conf/llm/<llm>.yaml)")
     run.add_argument("--tag", help="the tag of the experiment ('': none)")
@@ -163,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {"run": {"llm": args.llm, "mode": mode, "think": think, "tag": args.tag or None, "set": args.set,
                       "whisper": whisper_of(args.ref_jsonl.parent, args.exp_dir),
                       "exp_dir": str(args.exp_dir) if args.exp_dir else None},
-              **score_files(args.ref_jsonl, args.hyp_jsonl, args.mode, args.utt2group, args.allow_missing)}
+              **score_files(args.ref_jsonl, args.hyp_jsonl, args.mode, args.utt2group, args.allow_missing,
+                            seen_texts(args.seen_text) if args.seen_text else None)}
     args.outdir.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.outdir / "scores.json") as f:
         json.dump(result, f, indent=1)

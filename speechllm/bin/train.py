@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--whisper", help="the encoder of the features (default: the one stage 1 recorded in the "
                         "train JSONL's dump dir), recorded for speechllm-infer")
     parser.add_argument("--mode", choices=MODES, help="recorded for speechllm-infer")
+    parser.add_argument("--align_dir", type=Path, help="where the alignment phase (align.steps) keeps its result "
+                        "(default: <outdir>/align); a later experiment with the same settings reuses it")
+    parser.add_argument("--align_corpus", type=Path, help="stage 1's alignment corpus (sf.sh --align_calls), "
+                        "trained on by the alignment phase beside the training turns")
+    parser.add_argument("--align_eval", type=Path, nargs="*", default=[],
+                        help="stage-2 JSONL files of held-out sets the alignment phase is also measured on")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: a GPU when one is visible; under torchrun each process takes cuda:LOCAL_RANK")
     args = parser.parse_args(argv)
@@ -97,7 +103,8 @@ def run(args: argparse.Namespace, train_cfg: TrainConfig, llm_cfg: LLMConfig, ra
     try:
         build_and_train(dataclasses.asdict(llm_cfg), train_cfg, args.train_jsonl, args.valid_jsonl, args.outdir,
                         whisper, args.mode, world, stop_at=float(end) if end else None,
-                        resume_flag=Path(flag) if flag else None)
+                        resume_flag=Path(flag) if flag else None, align_dir=args.align_dir,
+                        align_corpus=args.align_corpus, align_evals=args.align_eval)
     except TimeLimit:
         sys.exit(RESUMABLE_EXIT)
     finally:

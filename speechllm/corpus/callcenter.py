@@ -31,9 +31,9 @@ def _answer(rng: Random, slot: SlotType, value: str) -> str:
     return rng.choice(templates).format(v=value, phrase=slot.phrase)
 
 
-def generate_call(seed: int, index: int) -> dict:
-    """One call; a pure function of ``(seed, index)``."""
-    rng = Random(f"callcenter-{seed}-{index}")
+def generate_call(seed: int, index: int, stream: str = "callcenter") -> dict:
+    """One call; a pure function of ``(seed, index)`` and the name of the ``stream`` of calls."""
+    rng = Random(f"{stream}-{seed}-{index}")
     domain: Domain = DOMAINS[rng.choice(sorted(DOMAINS))]
     slot_by_label = {s.label: s for s in domain.slots}
     turns: list[dict] = []
@@ -45,7 +45,7 @@ def generate_call(seed: int, index: int) -> dict:
         turns.append({"speaker": speaker, "text": text, "slots": dict(slots)})
         said.update(slots)
 
-    agent = rng.choice(FIRST_NAMES)
+    agent = rng.choice(FIRST_NAMES)  # the company's staff: the call centre's names in every stream
     add("agent", rng.choice(GREETINGS).format(company=rng.choice(domain.companies), agent=agent), {})
 
     opening = rng.choice(domain.openings)

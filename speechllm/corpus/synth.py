@@ -2,8 +2,9 @@
 
 Each turn becomes one 16 kHz wav and one utterance ``<conv>_<speaker>_<turn>``. The two sides of a
 call (agent or system, customer or user) draw from disjoint voice sets; rate and pitch are drawn
-per call and side, seeded. Written per split: ``wav.scp text utt2spk spk2utt utt2conv utt2turn
-slots.jsonl slot_inventory.json``, and ``utt2group`` when turns carry a ``group`` (SGD's seen and
+per call and side, seeded. ``--voices wide`` (the alignment corpus) draws both sides from every
+English accent of espeak-ng with most of its human-sounding variants, at a wider range of rates.
+Written per split: ``wav.scp text utt2spk spk2utt utt2conv utt2turn slots.jsonl slot_inventory.json``, and ``utt2group`` when turns carry a ``group`` (SGD's seen and
 unseen services). A turn's ``descriptions`` (its labels' meanings, where they differ per service)
 go into its ``slots.jsonl`` row.
 """
@@ -17,6 +18,7 @@ import logging
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 
@@ -34,6 +36,22 @@ VOICES = {
     "customer": ("en-gb+m2", "en-gb-scotland+f3", "en-us+m7", "en-gb-x-rp+f1", "en-029+m5", "en-us-nyc+f5"),
 }
 SIDES = {"agent": "agent", "system": "agent", "customer": "customer", "user": "customer"}
+ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-029", "en-us-nyc")
+VARIANTS = ("m1 m2 m3 m4 m5 m6 m7 m8 f1 f2 f3 f4 f5 klatt klatt2 klatt3 klatt4 Andy Annie Alex Alicia benjamin "
+            "belinda caleb david edward john linda max Michael paul robert steph travis victor zac").split()
+WIDE = tuple(f"{accent}+{variant}" for accent in ACCENTS for variant in VARIANTS)
+
+
+@dataclass(frozen=True)
+class VoiceSet:
+    """The voices of each side of a call and the range of speaking rates (words per minute)."""
+
+    voices: dict[str, tuple[str, ...]]
+    rates: tuple[int, int]
+
+
+VOICE_SETS = {"callcenter": VoiceSet(VOICES, (145, 185)),
+              "wide": VoiceSet({"agent": WIDE, "customer": WIDE}, (125, 205))}
 
 
 def espeak_binary() -> str:
@@ -52,9 +70,10 @@ def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
     return resample_to_16k(audio, sr)
 
 
-def voice_for(conv_id: str, speaker: str, seed: int) -> tuple[str, int, int]:
+def voice_for(conv_id: str, speaker: str, seed: int, voices: VoiceSet = VOICE_SETS["callcenter"]
+              ) -> tuple[str, int, int]:
     rng = Random(f"voice-{seed}-{conv_id}-{speaker}")
-    return rng.choice(VOICES[SIDES[speaker]]), rng.randint(145, 185), rng.randint(35, 70)
+    return rng.choice(voices.voices[SIDES[speaker]]), rng.randint(*voices.rates), rng.randint(35, 70)
 
 
 def utt_id(conv_id: str, speaker: str, turn: int) -> str:
@@ -62,7 +81,7 @@ def utt_id(conv_id: str, speaker: str, turn: int) -> str:
 
 
 def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, datadir: Path,
-                    nj: int = 2, seed: int = 1) -> dict[str, int]:
+                    nj: int = 2, seed: int = 1, voices: VoiceSet = VOICE_SETS["callcenter"]) -> dict[str, int]:
     """Synthesise every turn (skipping wavs that already exist) and write one data dir per split.
 
     ``inventory`` is one file for every split, or a pattern with ``{split}`` for one per split.
@@ -83,7 +102,7 @@ def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, da
                 raise InputError(f"{conversations}: call {call['conv_id']} turn {turn}: unknown speaker "
                                  f"{t['speaker']!r} (one of {', '.join(SIDES)})")
             uid = utt_id(call["conv_id"], t["speaker"], turn)
-            jobs.append((wavdir / f"{uid}.wav", t["text"], *voice_for(call["conv_id"], t["speaker"], seed)))
+            jobs.append((wavdir / f"{uid}.wav", t["text"], *voice_for(call["conv_id"], t["speaker"], seed, voices)))
 
     def run(job: tuple[Path, str, str, int, int]) -> None:
         path, text, voice, rate, pitch = job
@@ -145,9 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datadir", type=Path, required=True)
     parser.add_argument("--nj", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--voices", choices=sorted(VOICE_SETS), default="callcenter",
+                        help="callcenter: a few voices per side; wide: every English accent and most variants")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s (%(module)s:%(lineno)d) %(levelname)s: %(message)s")
-    build_data_dirs(args.conversations, args.inventory, args.wavdir, args.datadir, args.nj, args.seed)
+    build_data_dirs(args.conversations, args.inventory, args.wavdir, args.datadir, args.nj, args.seed,
+                    VOICE_SETS[args.voices])
 
 
 if __name__ == "__main__":

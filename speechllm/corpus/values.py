@@ -2,12 +2,19 @@
 
 Values are written the way a transcriber would write what was said ("$45", "March 3rd", "4 7 2 9"),
 which is also what espeak-ng reads naturally and what Whisper tends to output.
+
+Names, streets and cities come from the :class:`Inventory` in use: the call-centre corpus keeps a
+small one, so that names recur across calls as customers' do in one company's calls; the alignment
+corpus (:mod:`speechllm.corpus.alignment`) draws the same shapes from a large one (:func:`drawing_from`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from random import Random
-from typing import Callable
+from typing import Callable, Iterator
 
 ValueFn = Callable[[Random], str]
 
@@ -26,6 +33,30 @@ STREETS = ("Oak Maple Cedar Pine Elm Washington Lake Hill Park River Church Mill
 STREET_KINDS = "Street Avenue Road Lane Drive Boulevard Court".split()
 CITIES = ("Springfield Riverside Fairview Greenville Madison Franklin Clinton Arlington Salem "
           "Bristol Dover Oxford").split()
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The word lists that names, addresses and cities are drawn from."""
+
+    first_names: tuple[str, ...]
+    last_names: tuple[str, ...]
+    streets: tuple[str, ...]
+    cities: tuple[str, ...]
+
+
+CALLCENTER = Inventory(tuple(FIRST_NAMES), tuple(LAST_NAMES), tuple(STREETS), tuple(CITIES))
+_inventory: ContextVar[Inventory] = ContextVar("inventory", default=CALLCENTER)
+
+
+@contextmanager
+def drawing_from(inventory: Inventory) -> Iterator[None]:
+    """Draw names, streets and cities from ``inventory`` inside the block (the call centre's otherwise)."""
+    token = _inventory.set(inventory)
+    try:
+        yield
+    finally:
+        _inventory.reset(token)
 
 
 def ordinal(n: int) -> str:
@@ -64,15 +95,16 @@ def phone_number(rng: Random) -> str:
 
 
 def full_name(rng: Random) -> str:
-    return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    names = _inventory.get()
+    return f"{rng.choice(names.first_names)} {rng.choice(names.last_names)}"
 
 
 def address(rng: Random) -> str:
-    return f"{rng.randint(2, 990)} {rng.choice(STREETS)} {rng.choice(STREET_KINDS)}"
+    return f"{rng.randint(2, 990)} {rng.choice(_inventory.get().streets)} {rng.choice(STREET_KINDS)}"
 
 
 def city(rng: Random) -> str:
-    return rng.choice(CITIES)
+    return rng.choice(_inventory.get().cities)
 
 
 def count(lo: int, hi: int) -> ValueFn:

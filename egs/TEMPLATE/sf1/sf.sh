@@ -3,12 +3,13 @@
 # its corpus options and calls this script; every variable below is also a --flag.
 #
 #   0 corpus preparation      local/data.sh -> data/<set>/
-#   1 Whisper features + ASR  dump/<set>/feats.scp, text_asr, whisper (the encoder's record)
+#   1 Whisper features + ASR  dump/<set>/feats.scp, text_asr, whisper (the encoder's record); with
+#                             --align_calls, the alignment corpus <align_dump>/<whisper>/seed<seed>/
 #   2 data formatting         dump/<set>/{regular,reasoning,hybrid,cascade}.jsonl
 #   3 LoRA/QLoRA training     exp/<llm>_<mode><tag>/
 #   4 decoding                exp/<llm>_<mode><tag>/decode_<set>_<mode>/
 #   5 scoring                 .../score/scores.json (the run's identity, per-group scores with
-#                             data/<set>/utt2group) and ${results_md}
+#                             data/<set>/utt2group, the novel-value turns' scores) and ${results_md}
 set -euo pipefail
 
 . utils/log.sh
@@ -28,6 +29,9 @@ asr=true             # also decode Whisper ASR hypotheses (context and the casca
 asr_pack=true        # several short turns per 30-s Whisper window for the ASR (false: one window each)
 asr_chunk=32         # turns per batched ASR call (on a GPU: the batch of windows)
 feats_dtype=float32  # float32 | float16 (half the disk; read back unchanged)
+align_calls=1600     # calls of the alignment corpus (about 7.6 turns each), made when stage 3 aligns (align.steps)
+align_seed=1         # its stream of calls (the same seed extends a smaller corpus)
+align_dump=../../align_dump  # where alignment corpora are kept, per Whisper, shared by the recipes
 # Stage 2
 context_source=asr   # asr | reference
 query_prob=0.5
@@ -103,29 +107,55 @@ stage0() {
   local/data.sh ${local_data_opts}
 }
 
+dump_set() {  # dump_set <data dir> <dump dir> <asr>: Whisper features (and ASR) of a data dir in ${nj} jobs
+  local data=$1 out=$2 with_asr=$3 split=$2/split${nj}  # a job run again skips the turns it has (see dump_feats.py)
+  # the set's merged files go first, and stage 2's (their rows point into the arks), and feats.scp
+  # comes back last: a stage 1 that does not complete leaves no feats.scp, which stage 2 refuses
+  rm -f "${out}/feats.scp" "${out}/text_asr" "${out}/utt2num_frames" "${out}/skipped" "${out}/whisper" \
+    "${out}"/*.jsonl "${out}/dropped"
+  ${feats_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
+    python -m speechllm.bin.dump_feats --data_dir "${data}" --outdir "${split}" \
+    --whisper "${whisper}" --asr "${with_asr}" --asr_pack "${asr_pack}" --asr_chunk "${asr_chunk}" \
+    --feats_dtype "${feats_dtype}" --job JOB --nj "${nj}"
+  local lists="utt2num_frames skipped"
+  if [ "${with_asr}" = true ]; then lists="text_asr ${lists}"; fi  # no transcripts without ASR, not empty ones
+  for f in ${lists}; do
+    merge "${out}/${f}" sort $(job_files "${split}/${f}." "")
+  done
+  # the jobs' records of --whisper are one line, the same in each (training reads it)
+  merge "${out}/whisper" sort -u $(job_files "${split}/whisper." "")
+  merge "${out}/feats.scp" sort $(job_files "${split}/feats." .scp)
+  log "${out}: $(wc -l < "${out}/feats.scp") utterances, $(wc -l < "${out}/skipped") skipped (see ${out}/skipped)"
+}
+
+stage3_aligns() {  # stage 3's alignment steps (align.steps of the resolved training config)
+  python -m speechllm.bin.train_config_value "${train_config}" align.steps --train_args "${train_args}"
+}
+
+align_corpus_dir() {  # one corpus per Whisper and seed; a larger --align_calls extends it
+  echo "${align_dump}/$(basename "${whisper%.yaml}")/seed${align_seed}"
+}
+
 stage1() {
   for dset in ${all_sets}; do
     log "Stage 1: Whisper (${whisper}) features$([ "${asr}" = true ] && echo " and ASR") of data/${dset}" \
       "in ${nj} jobs -> dump/${dset}"
-    local split=dump/${dset}/split${nj} out=dump/${dset}  # a job run again skips the turns it has (see dump_feats.py)
-    # the set's merged files go first, and stage 2's (their rows point into the arks), and feats.scp
-    # comes back last: a stage 1 that does not complete leaves no feats.scp, which stage 2 refuses
-    rm -f "${out}/feats.scp" "${out}/text_asr" "${out}/utt2num_frames" "${out}/skipped" "${out}/whisper" \
-      "${out}"/*.jsonl "${out}/dropped"
-    ${feats_cmd} --gpu "${job_gpu}" JOB=1:"${nj}" "${split}"/log/dump.JOB.log \
-      python -m speechllm.bin.dump_feats --data_dir "data/${dset}" --outdir "${split}" \
-      --whisper "${whisper}" --asr "${asr}" --asr_pack "${asr_pack}" --asr_chunk "${asr_chunk}" \
-      --feats_dtype "${feats_dtype}" --job JOB --nj "${nj}"
-    local lists="utt2num_frames skipped"
-    if [ "${asr}" = true ]; then lists="text_asr ${lists}"; fi  # no transcripts without ASR, not empty ones
-    for f in ${lists}; do
-      merge "${out}/${f}" sort $(job_files "${split}/${f}." "")
-    done
-    # the jobs' records of --whisper are one line, the same in each (training reads it)
-    merge "${out}/whisper" sort -u $(job_files "${split}/whisper." "")
-    merge "${out}/feats.scp" sort $(job_files "${split}/feats." .scp)
-    log "${out}: $(wc -l < "${out}/feats.scp") utterances, $(wc -l < "${out}/skipped") skipped (see ${out}/skipped)"
+    dump_set "data/${dset}" "dump/${dset}" "${asr}"
   done
+  [ "${align_calls}" -gt 0 ] && [ "$(stage3_aligns)" -gt 0 ] || return 0
+  local adir
+  adir=$(align_corpus_dir)
+  mkdir -p "${adir}"
+  log "Stage 1: alignment corpus: ${align_calls} calls (seed ${align_seed}) spoken by espeak-ng, Whisper" \
+    "(${whisper}) features -> ${adir}"
+  (  # one writer at a time: recipes share the corpus
+    flock 9
+    python -m speechllm.corpus.alignment --outdir "${adir}/text" --num_calls "${align_calls}" --seed "${align_seed}"
+    python -m speechllm.corpus.synth --conversations "${adir}/text/conversations.jsonl" \
+      --inventory "${adir}/text/slot_inventory.json" --wavdir "${adir}/wav" --datadir "${adir}/data" \
+      --nj "${nj}" --seed "${align_seed}" --voices wide
+    dump_set "${adir}/data/align" "${adir}/dump" false
+  ) 9> "${adir}/.lock"
 }
 
 stage2() {
@@ -148,6 +178,9 @@ stage3() {
   local opts=()  # the config stays the single description of the model; --llm_path changes its location
   if [ "${force_config}" = true ]; then opts+=(--force_config); fi
   if [ -n "${llm_path}" ]; then opts+=(--llm_path "${llm_path}"); fi
+  # an alignment phase (the config's align.steps) runs once, into a dir every mode reuses
+  opts+=(--align_dir "$(expdir_of align)")
+  if [ "${align_calls}" -gt 0 ] && [ "$(stage3_aligns)" -gt 0 ]; then opts+=(--align_corpus "$(align_corpus_dir)"); fi
   log "Stage 3: ${num_nodes} node(s) x ${nproc_per_node} process(es) on ${train_device}, batch per process" \
     "x grad_accum x $((num_nodes * nproc_per_node)) = effective batch (see ${train_config})"
   for m in ${modes}; do
@@ -173,7 +206,7 @@ stage3() {
       -m speechllm.bin.train --train_jsonl "dump/${train_set}/${m}.jsonl" \
       --valid_jsonl "dump/${valid_set}/${m}.jsonl" --train_config "${train_config}" --llm_config "${llm_config}" \
       --train_args "${train_args}" --llm_args "${llm_args}" "${opts[@]}" --outdir "${expdir}" --mode "${m}" \
-      --device "${train_device}"
+      --align_eval $(for dset in ${test_sets}; do echo "dump/${dset}/${m}.jsonl"; done) --device "${train_device}"
     log "$(grep 'training done' "${expdir}/train.log" | tail -1 | sed 's/.*INFO: //')"
   done
 }
@@ -201,7 +234,8 @@ stage4() {
 }
 
 stage5() {
-  local ddirs=()
+  local ddirs=() seen=("data/${train_set}/text")  # what the novel-value turns are novel to
+  if [ "${align_calls}" -gt 0 ] && [ "$(stage3_aligns)" -gt 0 ]; then seen+=("$(align_corpus_dir)/data/align/text"); fi
   for m in ${modes}; do
     local expdir names
     expdir=$(expdir_of "${m}")
@@ -209,7 +243,7 @@ stage5() {
     for dset in ${test_sets}; do
       for name in ${names}; do
         local ddir=${expdir}/decode_${dset}_${name}
-        local opts=()
+        local opts=(--seen_text "${seen[@]}")
         [ -f "data/${dset}/utt2group" ] && opts+=(--utt2group "data/${dset}/utt2group")
         [ "${allow_missing}" = true ] && opts+=(--allow_missing)
         log "Stage 5: scoring ${ddir}"
