@@ -15,7 +15,7 @@ setup(
     install_requires=[
         "torch>=2.4", "transformers>=4.56", "peft>=0.17", "openai-whisper>=20240930", "kaldiio>=2.18",
         "soundfile", "scipy", "pyyaml", "tqdm", "tensorboard", "matplotlib", "jiwer>=3.0", "rapidfuzz",
-        "tokenizers", "numpy", "text2num>=3.0",
+        "tokenizers", "numpy", "text2num>=3.0", "Faker>=30",
     ],
     extras_require={"qlora": ["bitsandbytes>=0.45"], "test": ["pytest", "hypothesis"]},
     entry_points={
