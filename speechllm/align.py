@@ -309,7 +309,7 @@ def run_alignment_phase(model: SpeechLLM, cfg: AlignConfig, data: AlignmentData,
               "corpus": data.corpus}
     if world.is_main:
         with exclusive(directory, "alignment"):
-            if done.exists():
+            if done.exists() and record_file.exists():
                 made = read_json(record_file)
                 if made != record:
                     changed = sorted(k for k in {*made, *record} if made.get(k) != record.get(k))
@@ -317,6 +317,7 @@ def run_alignment_phase(model: SpeechLLM, cfg: AlignConfig, data: AlignmentData,
                                      "remove it or align into another --align_dir (sf.sh: another --tag)")
                 log.info("alignment phase: reusing %s", directory)
             else:
+                done.unlink(missing_ok=True)  # a phase killed before its record: aligned again
                 align(model, cfg, data, seed, writer, max_nonfinite_steps)
                 with atomic_write(record_file) as f:
                     json.dump(record, f, indent=1)
