@@ -112,6 +112,10 @@ def test_tuning_configs_resolve_to_what_their_write_ups_ran(tmp_path):
         "train_long_ctcaux": dict(max_steps=2000, max_minutes=40, adapter_lr=2e-4, log_every=10, save_every=100,
                                   eval_every=40, align=dict(steps=1200, eval_every=300), audio_input="ctc_tokens",
                                   ctc_weight=0.3),
+        "align_probe_corpus": dict(max_steps=1, max_minutes=None, adapter_lr=2e-4, audio_input="adapter",
+                                   align=dict(steps=2400, batch_size=16, lr=1e-3, eval_every=300)),
+        "train_noalign": dict(max_steps=400, max_minutes=6, adapter_lr=1e-3, align=dict(steps=0),
+                              audio_input="adapter"),
         "train_long_noalign": dict(max_steps=2000, max_minutes=40, adapter_lr=1e-3, eval_every=40,
                                    align=dict(steps=0), audio_input="adapter", ctc_weight=0.0),
     }
