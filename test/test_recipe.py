@@ -259,7 +259,9 @@ def test_stage5_names_each_run_and_keeps_the_recipe_results(tmp_path):
         ddir.mkdir(parents=True)
         (ddir / "hyp.jsonl").write_text("".join(json.dumps({"id": r["id"], "slots": r["slots"]}) + "\n"
                                                 for r in rows if r["mode"] == name))
-    proc = run(recipe, "--stage", "5", "--llm", "tiny_llama", "--mode", "hybrid", "--tag", "t1")
+    (recipe / "data" / "train").mkdir(parents=True)
+    (recipe / "data" / "train" / "text").write_text("t1 I paid 30 dollars\n")  # what the novel turns are novel to
+    proc = run(recipe, "--stage", "5", "--llm", "tiny_llama", "--mode", "hybrid", "--tag", "t1", "--align_calls", "0")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name, think in (("hybrid_no_think", False), ("hybrid_think", True)):
         scores = recipe / "exp" / "tiny_llama_hybrid_t1" / f"decode_test_{name}" / "score" / "scores.json"

@@ -44,6 +44,7 @@ from speechllm.model.llm import LLMConfig
 from speechllm.parsing import first_braced, parse_slots
 from speechllm.run_log import cut_back
 from speechllm.train import Trainer, build_and_train
+from speechllm.align import alignment_data
 from speechllm.train_config import AlignConfig, TrainConfig
 
 WHISPER = RECIPE / "conf" / "whisper" / "tiny_random.yaml"
@@ -68,7 +69,8 @@ def trainer_on(tmp_path: Path, nan_rows: set[str] = frozenset(), valid: bool = F
                             "log_every": 1, "save_every": 100, "seed": 5, **cfg})
     exp = tmp_path / "exp"
     train = tokenized(model, jsonl, exp / "tokens")
-    return Trainer(model, spec, config, train, train if valid else None, exp, base)
+    alignment = alignment_data(exp / "align", train, train if valid else None) if config.align.steps else None
+    return Trainer(model, spec, config, train, train if valid else None, exp, base, alignment=alignment)
 
 
 def trained(trainer: Trainer) -> dict[str, torch.Tensor]:
