@@ -178,12 +178,13 @@ def test_results_select_runs_by_identity(runs, tmp_path, capsys, caplog, monkeyp
 
 def test_modes_helper_checks_and_expands(capsys):
     for argv, out in (([], MODES), (["all"], MODES), (["cascade", "regular"], ("regular", "cascade")),
+                      (["hybrid,regular"], ("regular", "hybrid")),
                       (["--decode", "hybrid"], ("hybrid_no_think", "hybrid_think")),
                       (["--decode", "all"], tuple(DECODES))):
         modes_bin.main(argv)
         assert capsys.readouterr().out == " ".join(out) + "\n", argv
     with pytest.raises(SystemExit, match="unknown mode 'regular reasoning': regular, reasoning, hybrid, cascade "):
-        modes_bin.main(["regular reasoning"])  # one mode or all, as sf.sh's --mode takes it
+        modes_bin.main(["regular reasoning"])  # sf.sh's --mode is one word: a mode, a comma-separated list, or all
 
 
 def test_plots_write_pngs(tmp_path):

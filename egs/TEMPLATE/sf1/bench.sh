@@ -30,7 +30,9 @@ $(sed -n '/^preset=/,/^outdir=/p' "$0")"
 . ./path.sh
 
 exp_dir=exp/${llm}_${mode}${tag:+_${tag}}
-python -m speechllm.bin.modes "${mode}" > /dev/null  # checks --mode
+if [ "$(python -m speechllm.bin.modes "${mode}")" != "${mode}" ]; then  # checks --mode: one, not a list or all
+  log "Error: bench measures one mode, not '${mode}'"; exit 1
+fi
 row_mode=${mode}
 [ "${mode}" != hybrid ] || row_mode=hybrid_think  # a hybrid model is measured on its /think rows
 log "speechllm-bench of ${exp_dir} on ${set} -> ${outdir}"

@@ -40,7 +40,7 @@ own_domain_share=0.8    # share of distractor labels from the turn's own domain 
 # Stage 3
 llm=smollm2_135m     # conf/llm/<llm>.yaml
 llm_path=""          # overrides the config's name_or_path (a local copy of the weights)
-mode=all             # regular | reasoning | hybrid | cascade | all (all four)
+mode=all             # regular | reasoning | hybrid | cascade | a list (regular,hybrid) | all (all four)
 train_config=conf/train.yaml
 train_args=""        # overrides of train_config's keys, e.g. "lr=1e-3 align.steps=600" (resolved: <exp>/train.yaml)
 llm_args=""          # overrides of the LLM config's keys, e.g. "lora.r=16" (resolved: <exp>/llm.yaml)
