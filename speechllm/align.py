@@ -163,14 +163,14 @@ class AdapterAligner(CTCObjective):
     def step(self, examples: list[Example]) -> float | None:
         """One CTC update; ``None``, and no update, when the loss or the gradient is not finite."""
         loss = self.loss([load_feats(e) for e in examples], [e.text for e in examples])
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), 1.0)
-        if not (torch.isfinite(loss) and torch.isfinite(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.step()
-        return loss.item()
+        finite = bool(torch.isfinite(loss) and torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+        # no gradient outlives its step: the last one would leak into slot filling's first update
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item() if finite else None
 
     def evaluate(self, name: str, examples: list[Example], seen: SeenText, step: int, outdir: Path) -> dict:
         """Greedy CTC WER and slot values heard on one held-out set; its transcripts to a TSV."""
@@ -233,11 +233,11 @@ class AdapterAligner(CTCObjective):
         return history
 
 
-def new_ctc_head(model: SpeechLLM, vocab: str, transcripts: list[str]) -> CTCEmbeddingHead:
+def new_ctc_head(model: SpeechLLM, vocab: str, transcripts: list[str], collapse: str = "mix") -> CTCEmbeddingHead:
     """A CTC head over the tokens of the training transcripts (or, ``vocab: full``, all rows)."""
     embeddings = model.llm.get_input_embeddings().weight
     classes = torch.arange(len(embeddings)) if vocab == "full" else token_vocab(model.tokenizer, transcripts)
-    return CTCEmbeddingHead(embeddings, classes).to(model.device)
+    return CTCEmbeddingHead(embeddings, classes, collapse).to(model.device)
 
 
 def unique_turns(examples: Iterable[Example]) -> list[Example]:
@@ -308,7 +308,7 @@ def run_alignment_phase(model: SpeechLLM, cfg: AlignConfig, data: AlignmentData,
     record = {**identity, "align": dataclasses.asdict(cfg), "seed": seed, "turns": len(data.turns),
               "corpus": data.corpus}
     if world.is_main:
-        with exclusive(directory, "alignment"):
+        with exclusive(directory, "alignment", wait=True):  # a mode started beside it reuses what it makes
             if done.exists() and record_file.exists():
                 made = read_json(record_file)
                 if made != record:
@@ -327,7 +327,7 @@ def run_alignment_phase(model: SpeechLLM, cfg: AlignConfig, data: AlignmentData,
         model.ctc_head.load_state_dict(torch.load(head_file, map_location=world.device))
     log.info("alignment phase done: adapter loaded from %s", done)
     *_, last = (json.loads(line) for line in open(directory / "align_log.jsonl", encoding="utf-8"))
-    return {"dir": str(directory.resolve()), **last}
+    return {"dir": str(directory.resolve()), "corpus": data.corpus, **last}
 
 
 def align(model: SpeechLLM, cfg: AlignConfig, data: AlignmentData, seed: int, writer=None,

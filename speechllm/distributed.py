@@ -62,16 +62,18 @@ class World:
         start = self.rank * size + min(self.rank, rest)
         return batch[start : start + size + (1 if self.rank < rest else 0)]
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
         """``model`` in DistributedDataParallel when there are several processes, else itself.
 
-        Frozen weights and buffers are loaded identically everywhere: only the trainable weights sync."""
+        Frozen weights and buffers are loaded identically everywhere: only the trainable weights sync.
+        ``find_unused_parameters``: some steps leave trainable weights without a gradient (the adapter,
+        while the LLM reads transcripts)."""
         if not self.distributed:
             return model
         fixed = [n for n, p in model.named_parameters() if not p.requires_grad]
         fixed += [n for n, _ in model.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, fixed)
-        return DistributedDataParallel(model, device_ids=None)
+        return DistributedDataParallel(model, device_ids=None, find_unused_parameters=find_unused_parameters)
 
 
 def init_world(use_gpu: bool | None = None) -> World:

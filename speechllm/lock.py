@@ -28,8 +28,9 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def exclusive(directory: Path, what: str = "training") -> Iterator[None]:
-    """Hold ``directory``'s lock for the block; raise :class:`InputError` naming the holder if it is taken."""
+def exclusive(directory: Path, what: str = "training", wait: bool = False) -> Iterator[None]:
+    """Hold ``directory``'s lock for the block. If it is taken, raise :class:`InputError` naming the holder,
+    or with ``wait`` (for work that the holder does for both, such as an alignment) wait for it."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -38,8 +39,11 @@ def exclusive(directory: Path, what: str = "training") -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            raise InputError(f"{directory} is in use by {holder}: wait for it to finish, stop it, or "
-                             f"run this {what} into another experiment dir (--tag)") from None
+            if not wait:
+                raise InputError(f"{directory} is in use by {holder}: wait for it to finish, stop it, or "
+                                 f"run this {what} into another experiment dir (--tag)") from None
+            log.info("%s is in use by %s: waiting for its %s", directory, holder, what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:  # e.g. a network file system mounted without flock support
             log.warning("%s cannot be locked (%s): a second %s into it would not be refused", path, e, what)
             yield

@@ -57,17 +57,18 @@ def plot_losses(log_path: Path, png: Path) -> None:
     _save(fig, png)
 
 
-def plot_curves(curves: list[tuple[str, list[dict]]], png: Path) -> None:
-    """Dev partial and exact F1 of each labelled experiment against minutes of training (the points of
-    its ``curve.jsonl``, alignment phase included, so runs with the same budget compare directly)."""
+def plot_curves(curves: list[tuple[str, list[dict]]], png: Path, x: str = "minutes") -> None:
+    """Dev partial and exact F1 of each labelled experiment (the points of its ``curve.jsonl``) against
+    minutes of slot-filling training (``x="minutes"``: runs with the same budget compare directly) or
+    optimizer steps (``x="steps"``)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for label, points in curves:
-        minutes = [p["train_s"] / 60 for p in points]
+        xs = [p["train_s"] / 60 if x == "minutes" else p["step"] for p in points]
         for ax, key in zip(axes, ("dev_partial_f1", "dev_exact_f1")):
-            ax.plot(minutes, [p[key] for p in points], "o-", label=label)
+            ax.plot(xs, [p[key] for p in points], "o-", label=label)
     for ax, title in zip(axes, ("partial F1 (dev)", "exact F1 (dev)")):
-        ax.set_xlabel("minutes of training (alignment included)")
+        ax.set_xlabel("minutes of slot-filling training" if x == "minutes" else "slot-filling steps")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

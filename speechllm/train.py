@@ -36,8 +36,8 @@ from speechllm.budget import Budget, TimeLimit
 from speechllm.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                   set_seed)
 from speechllm.config import from_dict
-from speechllm.data import (BatchPlan, TokenizedSet, bucketed_batches, collate, iter_examples, load_feats,
-                            tokenized)
+from speechllm.data import (BatchPlan, TokenizedSet, bucketed_batches, collate, fingerprint, iter_examples,
+                            load_feats, tokenized)
 from speechllm.decode import new_token_cap
 from speechllm.distributed import World
 from speechllm.evaluate import CurveEvaluator, validation_loss
@@ -86,7 +86,13 @@ class Trainer:
         self.ctc = None
         if cfg.ctc_weight > 0 and model.ctc_head is not None:
             self.ctc = CTCObjective(model.adapter, model.ctc_head, model.tokenizer)
-        self.forward = world.wrap(model)  # DistributedDataParallel under torchrun
+        # a checkpoint keeps the audio path even when slot filling freezes it (freeze_audio)
+        self.saved = {n for n, p in model.named_parameters() if p.requires_grad} | set(model.audio_parameter_names())
+        # the text-first steps of the curriculum (a text-only model reads text anyway)
+        self.text_steps = cfg.text_first_steps if model.adapter is not None else 0
+        if self.text_steps >= self.total_steps:
+            raise ValueError(f"text_first_steps {self.text_steps} leaves none of the {self.total_steps} steps "
+                             "to read audio")
 
     # -- data ----------------------------------------------------------------------------------
     def epoch_batches(self) -> BatchPlan:
@@ -119,15 +125,20 @@ class Trainer:
 
         Returns this rank's share of the step's LLM loss, and its mean auxiliary CTC loss (0 without one);
         ``None`` when a loss or the gradient is not finite on any rank: the step's update is then skipped
-        (:meth:`skip_step`) rather than written into the weights."""
+        (:meth:`skip_step`) rather than written into the weights. A text-first step reads each turn's
+        transcript where its audio would be."""
         n_tokens = int(self.train_set.n_target[np.concatenate(group)].sum())
         share = ctc_mean = 0.0
+        text_step = self.step < self.text_steps
         for k, (inputs, texts) in enumerate(micro):
             last = k == len(group) - 1
+            if text_step:
+                spoken = self.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                inputs = [dataclasses.replace(x, feats=None, spoken=ids) for x, ids in zip(inputs, spoken)]
             with nullcontext() if last or not self.world.distributed else self.forward.no_sync():
                 loss = self.forward(inputs, num_items_in_batch=n_tokens)
                 share += loss.item()
-                if self.ctc is not None:
+                if self.ctc is not None and not text_step:
                     ctc = self.ctc.loss([x.feats for x in inputs], texts)
                     ctc_mean += ctc.item() / len(group)
                     loss = loss + self.cfg.ctc_weight * ctc / len(group)
@@ -174,7 +185,7 @@ class Trainer:
         self.check_weights()
         if not self.world.is_main:
             return
-        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if n in self.saved}
         # the batch position only means something for the same global batch and accumulation
         position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "global_batch": self.global_batch, "grad_accum": self.cfg.grad_accum,
@@ -189,7 +200,7 @@ class Trainer:
         if ckpt is None:
             return
         state = load_checkpoint(ckpt)
-        missing = {n for n, p in self.model.named_parameters() if p.requires_grad} - set(state["trainable"])
+        missing = self.saved - set(state["trainable"])
         if missing:
             raise RuntimeError(f"{ckpt} does not match this model (missing {sorted(missing)[:3]}...)")
         pos = state["position"]
@@ -246,7 +257,9 @@ class Trainer:
         # the alignment phase, once, before the first step
         if self.alignment is not None and self.step == 0:
             llm = {k: self.spec.llm.get(k) for k in ("name_or_path", "tiny", "tiny_vocab_size", "tiny_tokens")}
-            identity = {"llm": llm, "whisper": self.spec.whisper, "feat_dim": self.spec.feat_dim,
+            # the CTC classes are token ids: a tokenizer of its own (a tiny LLM's) cannot share the alignment
+            vocab = fingerprint(sorted(self.model.tokenizer.get_vocab().items()))
+            identity = {"llm": llm, "tokenizer": vocab, "whisper": self.spec.whisper, "feat_dim": self.spec.feat_dim,
                         "adapter_hidden": self.spec.adapter_hidden, "stack": self.spec.stack}
             with budget.paused():  # the phase is shared by the modes of a run: no one mode's budget pays for it
                 aligned = run_alignment_phase(self.model, cfg.align, self.alignment, identity, cfg.seed, world,
@@ -254,6 +267,13 @@ class Trainer:
             if main:  # what the experiment started from, for stage 5's tables
                 with atomic_write(self.outdir / "alignment.json") as f:
                     json.dump(aligned, f, indent=1)
+        if cfg.freeze_audio:
+            self.model.freeze_audio()
+        # DistributedDataParallel under torchrun; in a text-first step the adapter gets no gradient
+        self.forward = world.wrap(self.model, find_unused_parameters=self.step < self.text_steps)
+        if self.step < self.text_steps:
+            log.info("text first: steps %d-%d read the transcripts in place of the audio, audio from step %d on",
+                     self.step + 1, self.text_steps, self.text_steps + 1)
         self.model.train()
         log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d = %d x %d x %d processes",
                  len(self.train_set), self.total_steps, self.steps_per_epoch,
@@ -282,6 +302,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     losses = run_log.window()
                     run_log.record({"step": self.step, "epoch": self.epoch, **losses,
+                                    "input": "text" if self.step <= self.text_steps else "audio",
                                     "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": budget.train_seconds()})
                     if "loss" in losses:
                         bar.set_postfix(loss=f"{losses['loss']:.3f}")
@@ -315,8 +336,9 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, val
                     outdir: Path, whisper: str | None = None, mode: str | None = None,
                     world: World = World(), stop_at: float | None = None,
                     resume_flag: Path | None = None, align_dir: Path | None = None, align_corpus: Path | None = None,
-                    align_evals: list[Path] = ()) -> SpeechLLM:
-    """Build the model (and a tiny base LLM when the config asks for one), tokenise the data, train.
+                    align_evals: list[Path] = (), tiny_texts: list[Path] = ()) -> SpeechLLM:
+    """Build the model (and a tiny base LLM when the config asks for one, its tokenizer trained on the
+    texts of ``tiny_texts``, by default of ``train_jsonl``), tokenise the data, train.
 
     With ``align.steps`` the adapter is first aligned into ``align_dir`` (default ``<outdir>/align``;
     one dir can serve several experiments), on the training turns and ``align_corpus`` (stage 1's
@@ -330,7 +352,7 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, val
     if llm_cfg.tiny is not None:
         base_path = outdir / "base_llm"
         if world.is_main:
-            tiny_base_llm(llm_cfg, lambda: (t for _, e in iter_examples(train_jsonl)
+            tiny_base_llm(llm_cfg, lambda: (t for path in tiny_texts or [train_jsonl] for _, e in iter_examples(path)
                                             for t in (e.prompt, e.target, e.text)), base_path)
         world.barrier()
     set_seed(cfg.seed)  # after the tiny build: a rerun that finds it built initialises the same way
@@ -341,7 +363,8 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, val
     feat_dim = 0 if feats is None else feats.shape[1]  # 0: text-only (cascade) examples
     audio_input = cfg.audio_input if feat_dim else "adapter"  # a text-only model reads text
     spec = ModelSpec(llm=llm_cfg_dict, feat_dim=feat_dim, adapter_hidden=cfg.adapter_hidden,
-                     stack=cfg.stack, whisper=whisper, mode=mode, audio_input=audio_input)
+                     stack=cfg.stack, whisper=whisper, mode=mode, audio_input=audio_input,
+                     ctc_collapse=cfg.ctc_collapse)
     model = build_speechllm(spec, base_path, world.device, cfg.gradient_checkpointing)
     train = tokenized(model, train_jsonl, outdir / "tokens" / "train", world)
     valid = None if valid_jsonl is None else \
@@ -350,7 +373,7 @@ def build_and_train(llm_cfg_dict: dict, cfg: TrainConfig, train_jsonl: Path, val
     if cfg.align.steps > 0 and model.adapter is not None:  # a text-only model has no adapter to align
         alignment = alignment_data(align_dir or outdir / "align", train, valid, align_corpus, align_evals, whisper)
     if audio_input == "ctc_tokens":
-        model.ctc_head = new_ctc_head(model, cfg.align.vocab, [e.text for e in alignment.turns])
+        model.ctc_head = new_ctc_head(model, cfg.align.vocab, [e.text for e in alignment.turns], cfg.ctc_collapse)
     trainer = Trainer(model, spec, cfg, train, valid, outdir, base_path, world, stop_at, resume_flag, alignment)
     trainer.train()
     return model

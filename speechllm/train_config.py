@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from speechllm.model.ctc_head import COLLAPSES
+
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +53,9 @@ class TrainConfig:
     align: AlignConfig = field(default_factory=AlignConfig)  # CTC alignment of the adapter (beyond the paper)
     audio_input: str = "adapter"  # what the LLM reads: "adapter" frames or "ctc_tokens" (needs align.steps > 0)
     ctc_weight: float = 0.0  # slot filling adds this times the CTC loss of the batch's transcripts (ctc_tokens)
+    ctc_collapse: str = "mix"  # ctc_tokens: a posterior-weighted "mix" of embeddings per token, or the best ("hard")
+    freeze_audio: bool = False  # slot filling trains LoRA only: the aligned adapter and CTC head stay as they are
+    text_first_steps: int = 0  # the first N steps read each turn's transcript in place of its audio (curriculum)
     max_minutes: float | None = None  # slot-filling time, resumed jobs included (not alignment or evaluation)
     eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
     eval_max_examples: int = 40
@@ -74,6 +79,16 @@ class TrainConfig:
         if self.ctc_weight > 0 and self.audio_input != "ctc_tokens":
             raise ValueError("ctc_weight trains on the CTC head that the LLM reads through: it needs "
                              "audio_input: ctc_tokens")
+        if self.ctc_collapse not in COLLAPSES:
+            raise ValueError(f"ctc_collapse must be one of {COLLAPSES}, not {self.ctc_collapse!r}")
+        if self.freeze_audio and self.align.steps <= 0:
+            raise ValueError("freeze_audio keeps the aligned adapter as it is: it needs align.steps > 0 (a frozen "
+                             "random adapter hears nothing)")
+        if self.freeze_audio and self.ctc_weight > 0:
+            raise ValueError("freeze_audio leaves the CTC head as it is, so ctc_weight would train nothing: "
+                             "set one of them")
+        if self.text_first_steps < 0:
+            raise ValueError(f"text_first_steps must be >= 0, not {self.text_first_steps}")
 
 
 def accumulation_for(cfg: TrainConfig, processes: int) -> int:

@@ -261,7 +261,7 @@ def test_stage5_names_each_run_and_keeps_the_recipe_results(tmp_path):
                                                 for r in rows if r["mode"] == name))
     (recipe / "data" / "train").mkdir(parents=True)
     (recipe / "data" / "train" / "text").write_text("t1 I paid 30 dollars\n")  # what the novel turns are novel to
-    proc = run(recipe, "--stage", "5", "--llm", "tiny_llama", "--mode", "hybrid", "--tag", "t1", "--align_calls", "0")
+    proc = run(recipe, "--stage", "5", "--llm", "tiny_llama", "--mode", "hybrid", "--tag", "t1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name, think in (("hybrid_no_think", False), ("hybrid_think", True)):
         scores = recipe / "exp" / "tiny_llama_hybrid_t1" / f"decode_test_{name}" / "score" / "scores.json"
@@ -273,9 +273,9 @@ def test_stage5_names_each_run_and_keeps_the_recipe_results(tmp_path):
     assert (recipe / "exp" / "RESULTS_f1.png").exists()
     assert [(recipe / name).read_bytes() for name in ("RESULTS.md", "RESULTS_f1.png")] == committed
 
-    proc = run(recipe, "--stage", "5", "--mode", "regular,hybrid")
+    proc = run(recipe, "--stage", "5", "--mode", "regular,hybird")
     assert proc.returncode != 0
-    assert "unknown mode 'regular,hybrid': regular, reasoning, hybrid, cascade or all" in proc.stderr
+    assert "unknown mode 'hybird': regular, reasoning, hybrid, cascade or all" in proc.stderr
     proc = run(recipe, "--help")
     for option in ('train_args=""', 'llm_args=""', "force_config=false", "results_md=exp/RESULTS.md"):
         assert option in proc.stderr, option

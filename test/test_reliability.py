@@ -237,6 +237,30 @@ def test_a_second_training_into_a_held_exp_dir_is_refused_naming_the_holder(tmp_
         pass
 
 
+def test_a_waiting_lock_is_taken_when_its_holder_ends(tmp_path):
+    """The alignment phase waits for a mode started beside it to finish aligning, then reuses its work."""
+    import threading
+
+    exp = tmp_path / "align"
+    holder = hold(exp)
+    taken = threading.Event()
+
+    def take() -> None:
+        with exclusive(exp, "alignment", wait=True):
+            taken.set()
+
+    waiter = threading.Thread(target=take)
+    waiter.start()
+    try:
+        assert not taken.wait(1.0)  # still held
+    finally:
+        holder.kill()
+        holder.wait()
+    waiter.join(10)
+    assert taken.is_set()
+    assert f"PID {os.getpid()} " in (exp / ".lock").read_text()
+
+
 def test_stage3_goes_on_where_the_file_system_cannot_lock(tmp_path):
     recipe = copy_recipe(tmp_path)
     exp = recipe / "exp" / "tiny_llama_regular"

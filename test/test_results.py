@@ -193,11 +193,13 @@ def test_plots_write_pngs(tmp_path):
                                                           {"step": 2, "valid_loss": float("nan")},
                                                           {"step": 2, "valid_loss": 1.5}]))
     plot_losses(log, tmp_path / "loss.png")
-    plot_curves([("a", [{"train_s": 60, "dev_partial_f1": 0.1, "dev_exact_f1": 0.0},
-                        {"train_s": 120, "dev_partial_f1": 0.2, "dev_exact_f1": 0.1}])], tmp_path / "curves.png")
+    points = [{"step": 50, "train_s": 60, "dev_partial_f1": 0.1, "dev_exact_f1": 0.0},
+              {"step": 100, "train_s": 120, "dev_partial_f1": 0.2, "dev_exact_f1": 0.1}]
+    plot_curves([("a", points)], tmp_path / "curves.png")
+    plot_curves([("a", points), ("b", points[:1])], tmp_path / "steps.png", x="steps")
     plot_f1({("tiny_llama", "test"): {"regular": {"partial": {"f1": 0.0}}, "hybrid_think": {"partial": {"f1": 0.5}}}},
             tmp_path / "new" / "f1.png")
-    for name in ("loss.png", "curves.png", "new/f1.png"):
+    for name in ("loss.png", "curves.png", "steps.png", "new/f1.png"):
         assert (tmp_path / name).read_bytes()[:4] == PNG, name
 
 
@@ -228,20 +230,31 @@ def test_novel_turns_are_scored_apart_and_tabled_with_the_alignment(tmp_path, mo
     exp.mkdir(parents=True)
     (exp / "train_log.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.5}\n'
                                          '{"step": 10, "valid_loss": 0.7}\n')
-    (exp / "alignment.json").write_text(json.dumps({"dir": "x", "step": 300, "test_values": 8, "test_values_heard": 6,
-                                                    "test_novel_values": 4, "test_novel_heard": 1}))
+    (exp / "train.yaml").write_text("max_steps: 10\ntext_first_steps: 4\n")
+    corpus = tmp_path / "corpus"  # the alignment corpus the run read is seen too
+    (corpus / "data" / "align").mkdir(parents=True)
+    (corpus / "data" / "align" / "text").write_text("c1 my name is maria garcia\n")
+    (exp / "alignment.json").write_text(json.dumps({"dir": "x", "corpus": str(corpus), "step": 300, "test_values": 8,
+                                                    "test_values_heard": 6, "test_novel_values": 4,
+                                                    "test_novel_heard": 1}))
     ddir = tmp_path / "decode"
-    score_bin.main(["--ref_jsonl", str(ref), "--hyp_jsonl", str(hyp), "--outdir", str(ddir / "score"),
-                    "--mode", "regular", "--llm", "tiny_llama", "--set", "test", "--exp_dir", str(exp),
-                    "--seen_text", str(seen)])
+    score = ["--ref_jsonl", str(ref), "--hyp_jsonl", str(hyp), "--outdir", str(ddir / "score"),
+             "--mode", "regular", "--llm", "tiny_llama", "--set", "test", "--exp_dir", str(exp), "--seen_text", str(seen)]
+    (corpus / "data" / "align" / "text").write_text("c1 a new limit of 5000\n")  # u2's value
+    score_bin.main(score)
+    assert json.loads((ddir / "score" / "scores.json").read_text())["novel"]["n_utts"] == 0
+    output = tmp_path / "RESULTS.md"
+    results_bin.main(["--decode_dirs", str(ddir), "--output", str(output)])
+    assert "| tiny_llama | test | regular | 0.5000 / - | 0.5000 / - | 0.7619 / - | 0 | " in output.read_text()
+    (corpus / "data" / "align" / "text").write_text("c1 my name is maria garcia\n")
+    score_bin.main(score)
     scores = json.loads((ddir / "score" / "scores.json").read_text())
     assert scores["partial"]["f1"] == 0.5 and scores["n_utts"] == 2
     assert scores["novel"]["n_utts"] == 1 and scores["novel"]["partial"]["f1"] == 0.0  # u2 alone
-    output = tmp_path / "RESULTS.md"
     results_bin.main(["--decode_dirs", str(ddir), "--output", str(output)])
     text = output.read_text()
     assert ("| tiny_llama | test | regular | 0.5000 / 0.0000 | 0.5000 / 0.0000 | 0.7619 / 0.6154 | 1 | "
-            "0.750 (6/8) / 0.250 (1/4) | 300 | 10 |") in text
+            "0.750 (6/8) / 0.250 (1/4) | 300 | 10 (4 on text) |") in text
     # without --seen_text and alignment, no such table
     score_bin.main(["--ref_jsonl", str(ref), "--hyp_jsonl", str(hyp), "--outdir", str(ddir / "score"),
                     "--mode", "regular", "--llm", "tiny_llama", "--set", "test"])

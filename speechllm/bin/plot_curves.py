@@ -1,9 +1,9 @@
-"""Learning curves of several experiments: dev partial/exact F1 against minutes of training.
+"""Learning curves of several experiments: dev partial/exact F1 against minutes of slot-filling training
+(the budget of ``max_minutes``: the alignment phase is not in it) or against optimizer steps.
 
-Reads each experiment's ``curve.jsonl`` (written when the training config sets ``eval_every``);
-the time axis includes the alignment phase, so runs with the same budget compare directly.
+Reads each experiment's ``curve.jsonl`` (written when the training config sets ``eval_every``).
 
-    python -m speechllm.bin.plot_curves exp/a exp/b --labels "no alignment" "CTC alignment" --output curves.png
+    python -m speechllm.bin.plot_curves exp/a exp/b --labels "audio only" "text first" --x steps --output curves.png
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exps", type=Path, nargs="+")
     parser.add_argument("--labels", nargs="*")
+    parser.add_argument("--x", choices=("minutes", "steps"), default="minutes", help="the horizontal axis")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     labels = args.labels or [e.name for e in args.exps]
@@ -26,10 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give one label per experiment")
     curves = [(label, [json.loads(line) for line in (exp / "curve.jsonl").read_text().splitlines()])
               for exp, label in zip(args.exps, labels)]
-    plot_curves(curves, args.output)
+    plot_curves(curves, args.output, args.x)
     for label, points in curves:
-        print(f"{label}: " + ", ".join(f"{p['train_s'] / 60:.1f} min: partial {p['dev_partial_f1']:.3f} "
-                                       f"exact {p['dev_exact_f1']:.3f}" for p in points))
+        print(f"{label}: " + ", ".join(f"step {p['step']} ({p['train_s'] / 60:.1f} min): partial "
+                                       f"{p['dev_partial_f1']:.3f} exact {p['dev_exact_f1']:.3f}" for p in points))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import yaml
 
 from speechllm.formatting import DECODES, HYBRID, MODES, decode_mode
 from speechllm.io_utils import InputError, atomic_write, read_json
@@ -131,12 +134,16 @@ def ratio(heard: int, total: int) -> str:
 
 
 def training_of(exp_dir: str | None, dset: str) -> tuple[str, str, str]:
-    """A run's slot-filling steps, and its alignment's CTC steps and value recall on ``dset`` (all and
+    """A run's slot-filling steps (those of a text-first curriculum counted apart), and its alignment's CTC steps and value recall on ``dset`` (all and
     novel turns), from its exp dir; ``-`` for what it does not have."""
     steps, ctc_steps, recall = "-", "-", "-"
     if exp_dir and (Path(exp_dir) / "train_log.jsonl").is_file():
         with open(Path(exp_dir) / "train_log.jsonl", encoding="utf-8") as f:
-            steps = str(max((json.loads(line).get("step", 0) for line in f), default=0))
+            n = max((json.loads(line).get("step", 0) for line in f), default=0)
+        config = Path(exp_dir) / "train.yaml"
+        text_first = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("text_first_steps", 0) \
+            if config.is_file() else 0
+        steps = f"{n} ({min(n, text_first)} on text)" if text_first else str(n)
     if exp_dir and (Path(exp_dir) / "alignment.json").is_file():
         aligned = read_json(Path(exp_dir) / "alignment.json")
         ctc_steps = str(aligned["step"])
@@ -156,17 +163,23 @@ def novel_rows(table: Table) -> list[str]:
            "turns) at the end of the alignment phase.", "",
            "| system | test set | mode | partial F1 | exact F1 | SLU-F1 | novel utts | CTC value recall | "
            "CTC steps | slot-filling steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for system, dset, mode, r in rows(table):
+        novel = r.get("novel")
+        novel_f1 = novel and novel["n_utts"]  # no novel turns: no F1 to show
+        cells = [f"{r[k]['f1']:.4f} / {novel[k]['f1']:.4f}" if novel_f1 else f"{r[k]['f1']:.4f} / -"
+                 for k in ("partial", "exact", "slu_f1")]
+        steps, ctc_steps, recall = training_of(r.get("run", {}).get("exp_dir"), dset)
+        out.append(f"| {system} | {dset} | {mode} | {' | '.join(cells)} | "
+                   f"{novel['n_utts'] if novel else '-'} | {recall} | {ctc_steps} | {steps} |")
+    return out
+
+
+def rows(table: Table) -> Iterator[tuple[str, str, str, dict]]:
+    """``(system, test set, decode mode, scores)`` of every scored run, in the tables' order."""
     for (system, dset), modes in sorted(table.items()):
         for mode in DECODES:
             if mode in modes:
-                r = modes[mode]
-                novel = r.get("novel")
-                cells = [f"{r[k]['f1']:.4f} / {novel[k]['f1']:.4f}" if novel else f"{r[k]['f1']:.4f} / -"
-                         for k in ("partial", "exact", "slu_f1")]
-                steps, ctc_steps, recall = training_of(r.get("run", {}).get("exp_dir"), dset)
-                out.append(f"| {system} | {dset} | {mode} | {' | '.join(cells)} | "
-                           f"{novel['n_utts'] if novel else '-'} | {recall} | {ctc_steps} | {steps} |")
-    return out
+                yield system, dset, mode, modes[mode]
 
 
 def render(table: Table, stage_times: Path | None, command: str) -> str:
@@ -207,25 +220,19 @@ def render(table: Table, stage_times: Path | None, command: str) -> str:
         out += ["", f"## By group: {', '.join(groups)} (partial match P / R / F1, utterances)", "",
                 "| system | test set | mode | all | " + " | ".join(groups) + " |",
                 "|---|---|---|---|" + "---|" * len(groups)]
-        for (system, dset), modes in sorted(table.items()):
-            for mode in DECODES:
-                if mode in modes:
-                    r = modes[mode]
-                    cells = [f"{prf(r['groups'][g]['partial'])} ({r['groups'][g]['n_utts']})"
-                             if g in r.get("groups", {}) else "-" for g in groups]
-                    out.append(f"| {system} | {dset} | {mode} | {prf(r['partial'])} ({r['n_utts']}) | "
-                               + " | ".join(cells) + " |")
+        for system, dset, mode, r in rows(table):
+            cells = [f"{prf(r['groups'][g]['partial'])} ({r['groups'][g]['n_utts']})"
+                     if g in r.get("groups", {}) else "-" for g in groups]
+            out.append(f"| {system} | {dset} | {mode} | {prf(r['partial'])} ({r['n_utts']}) | "
+                       + " | ".join(cells) + " |")
     out += novel_rows(table)
     out += ["", "## All scores", "",
             "| system | test set | mode | partial P / R / F1 | exact P / R / F1 | SLU-F1 P / R / F1 | "
             "utts | unparseable | missing | truncated |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (system, dset), modes in sorted(table.items()):
-        for mode in DECODES:
-            if mode in modes:
-                r = modes[mode]
-                out.append(f"| {system} | {dset} | {mode} | {prf(r['partial'])} | {prf(r['exact'])} | "
-                           f"{prf(r['slu_f1'])} | {r['n_utts']} | {r['n_unparseable']} | {r['n_missing']} | "
-                           f"{r.get('n_truncated', '-')} |")  # older scores.json files have no truncation count
+    for system, dset, mode, r in rows(table):
+        out.append(f"| {system} | {dset} | {mode} | {prf(r['partial'])} | {prf(r['exact'])} | "
+                   f"{prf(r['slu_f1'])} | {r['n_utts']} | {r['n_unparseable']} | {r['n_missing']} | "
+                   f"{r.get('n_truncated', '-')} |")  # older scores.json files have no truncation count
     if stage_times and stage_times.exists():
         out += ["", "## Stages run (wall time on this machine)", "",
                 "| stage | run (LLM, mode) | seconds | finished | command | commit |", "|---|---|---|---|---|---|"]

@@ -4,8 +4,9 @@ Writes ``scores.json`` (partial, exact, SLU-F1 and span F1, per-slot scores, cou
 unparseable, truncated and loop-guarded outputs, and how many matched values the prompt's text also holds) and
 ``result.txt`` (the same as a table) into ``--outdir``. With ``--utt2group`` (e.g. SGD's seen and unseen
 services) each group is also scored on its own; with ``--seen_text`` (the texts the system trained
-on: the training set's, the alignment corpus's) so are the novel turns, whose slot values none of
-those texts holds (``novel``: values the model can only have heard, not remembered).
+on) so are the novel turns, whose slot values none of those texts holds (``novel``: values the model
+can only have heard, not remembered). The alignment corpus that ``--exp_dir``'s adapter was aligned on
+(its ``alignment.json``) counts as seen too.
 
 ``scores.json`` starts with ``run``, the identity of what was scored, so that results tables never
 parse dir names: ``llm`` and ``tag`` as the recipe gives them, ``mode`` (the training mode) and
@@ -143,6 +144,24 @@ def seen_texts(paths: list[Path]) -> SeenText:
     return SeenText(text for path in paths for text in read_kaldi_map(path, allow_empty_value=True).values())
 
 
+def alignment_text(exp_dir: Path | None) -> list[Path]:
+    """The Kaldi text of the alignment corpus that the experiment's adapter was aligned on, as its
+    ``alignment.json`` records it: none for a run without one, or aligned on the training turns alone."""
+    record = None if exp_dir is None else exp_dir / "alignment.json"
+    if record is None or not record.is_file():
+        return []
+    aligned = json.loads(record.read_text(encoding="utf-8"))
+    if "corpus" not in aligned:
+        raise InputError(f"{record} does not name the alignment corpus (made by an older version): add "
+                         '"corpus": its path, or null, so that the novel turns are novel to it as well')
+    if aligned["corpus"] is None:
+        return []
+    text = Path(aligned["corpus"]) / "data" / "align" / "text"
+    if not text.is_file():
+        raise InputError(f"{text} (the alignment corpus of {record}) not found: the novel turns cannot be told")
+    return [text]
+
+
 def whisper_of(dump_dir: Path, exp_dir: Path | None) -> str | None:
     """The encoder of the scored features: stage 1's record of the set, else the one the model recorded
     (dumps made before the record)."""
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                       "whisper": whisper_of(args.ref_jsonl.parent, args.exp_dir),
                       "exp_dir": str(args.exp_dir) if args.exp_dir else None},
               **score_files(args.ref_jsonl, args.hyp_jsonl, args.mode, args.utt2group, args.allow_missing,
-                            seen_texts(args.seen_text) if args.seen_text else None)}
+                            seen_texts(args.seen_text + alignment_text(args.exp_dir)) if args.seen_text else None)}
     args.outdir.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.outdir / "scores.json") as f:
         json.dump(result, f, indent=1)

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
                         "trained on by the alignment phase beside the training turns")
     parser.add_argument("--align_eval", type=Path, nargs="*", default=[],
                         help="stage-2 JSONL files of held-out sets the alignment phase is also measured on")
+    parser.add_argument("--tiny_texts", type=Path, nargs="*", default=[],
+                        help="stage-2 JSONL files whose texts train a tiny LLM's tokenizer (default: --train_jsonl); "
+                        "sf.sh gives every mode's, so that the modes share one tokenizer and one alignment")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: a GPU when one is visible; under torchrun each process takes cuda:LOCAL_RANK")
     args = parser.parse_args(argv)
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace, train_cfg: TrainConfig, llm_cfg: LLMConfig, ra
         build_and_train(dataclasses.asdict(llm_cfg), train_cfg, args.train_jsonl, args.valid_jsonl, args.outdir,
                         whisper, args.mode, world, stop_at=float(end) if end else None,
                         resume_flag=Path(flag) if flag else None, align_dir=args.align_dir,
-                        align_corpus=args.align_corpus, align_evals=args.align_eval)
+                        align_corpus=args.align_corpus, align_evals=args.align_eval, tiny_texts=args.tiny_texts)
     except TimeLimit:
         sys.exit(RESUMABLE_EXIT)
     finally:

@@ -9,9 +9,9 @@ are drawn afresh as in the recipe. Only turns that carry a slot value are kept: 
 are plentiful in the training turns already.
 
 Calls are a pure function of ``(seed, index)``: a corpus of N calls is a prefix of one of N + M calls,
-so a larger corpus extends a smaller one and keeps its wavs and features. Sentences of held-out sets
-are removed where the corpus is read (:func:`speechllm.align.alignment_turns`), since one corpus
-serves every recipe.
+so a larger corpus extends a smaller one and keeps its wavs (stage 1 encodes the features again).
+Sentences of held-out sets are removed where the corpus is read (:func:`speechllm.align.corpus_turns`),
+since one corpus serves every recipe.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def alignment_call(seed: int, index: int) -> dict:
 
 
 def write_corpus(outdir: Path, num_calls: int, seed: int) -> int:
-    """Write ``conversations.jsonl`` (calls ``0 .. num_calls - 1``) and ``slot_inventory.json``; return the turns."""
+    """Write ``conversations.jsonl`` (calls ``0 .. num_calls - 1``) and ``slot_inventory.json``; return how
+    many turns the calls hold."""
     outdir.mkdir(parents=True, exist_ok=True)
     n_turns = 0
     with atomic_write(outdir / "conversations.jsonl") as f:

@@ -42,6 +42,7 @@ class ModelSpec:
     whisper: str | None = None  # the encoder the features came from (name, checkpoint or YAML)
     mode: str | None = None  # regular | reasoning | hybrid | cascade: how the model was trained
     audio_input: str = "adapter"  # what the LLM reads: "adapter" frames or "ctc_tokens" (model/ctc_head.py)
+    ctc_collapse: str = "mix"  # ctc_tokens: posterior-weighted "mix" of embeddings, or the best token's ("hard")
     max_target_tokens: int | None = None  # longest training target (EOS included): decoding's default cap
 
     @property
@@ -130,7 +131,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> SpeechLLM:
     head = None
     if spec.audio_input == "ctc_tokens":
         state = torch.load(model_dir / "ctc_head.pt", map_location="cpu")
-        head = CTCEmbeddingHead(llm.get_input_embeddings().weight, state["vocab"])
+        head = CTCEmbeddingHead(llm.get_input_embeddings().weight, state["vocab"], spec.ctc_collapse)
         head.load_state_dict(state)
     model = SpeechLLM(llm, tokenizer, adapter, PromptFormatter(tokenizer, cfg), head).to(device)
     return model.eval()

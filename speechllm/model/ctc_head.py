@@ -6,10 +6,11 @@ by default the tokens of the training transcripts, since the softmax over a whol
 dominates a step's cost and a token never spoken in training gets no CTC gradient anyway.
 
 ``collapse`` turns the posteriors into what the LLM reads with ``audio_input: ctc_tokens``: one
-posterior-weighted mix of token embeddings per emitted token (blank frames dropped, repeats
-merged). Each vector lies in the convex hull of real embedding rows, so a pretrained LLM reads the
-audio much as it reads text, and the sequence has one vector per emitted token instead of 12.5
-per second.
+vector per emitted token (blank frames dropped, repeats merged) instead of 12.5 per second. With
+``collapse: mix`` (as in LegoSLM) it is the posterior-weighted mix of token embeddings, which lies
+in the convex hull of real rows and passes gradient back to the head; with ``collapse: hard`` it is
+the embedding row of the best token, so the LLM reads exactly what it would read of the greedy
+transcript as text (and the head gets no gradient from the LLM's loss).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import math
 
 import torch
 from torch import nn
+
+COLLAPSES = ("mix", "hard")
 
 
 def token_vocab(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -31,8 +34,11 @@ class CTCEmbeddingHead(nn.Module):
 
     ``vocab`` is a saved buffer; the embedding rows are not saved (they are the LLM's)."""
 
-    def __init__(self, embeddings: torch.Tensor, vocab: torch.Tensor) -> None:
+    def __init__(self, embeddings: torch.Tensor, vocab: torch.Tensor, collapse: str = "mix") -> None:
         super().__init__()
+        if collapse not in COLLAPSES:
+            raise ValueError(f"collapse must be one of {COLLAPSES}, not {collapse!r}")
+        self.hard = collapse == "hard"
         vocab = vocab.to(embeddings.device)
         table = embeddings.detach().float()[vocab]
         self.register_buffer("vocab", vocab)
@@ -49,16 +55,19 @@ class CTCEmbeddingHead(nn.Module):
         """``hidden [T, d]`` (one item's adapter outputs) -> ``[N, d]`` token-space vectors.
 
         Frames whose best class is the blank are dropped; each run of frames with the same best
-        token becomes the mean over the run of the frames' posterior-weighted token embeddings
-        (the posterior renormalised over the tokens, so the mix stays among real rows).
+        token becomes that token's embedding (hard) or the mean over the run of the frames'
+        posterior-weighted token embeddings (mix; the posterior renormalised over the tokens, so the
+        mix stays among real rows).
         """
         logits = self(hidden)
         best = logits.argmax(-1)
-        mixes = logits[:, 1:].softmax(-1) @ self.embeddings
         starts = torch.ones_like(best, dtype=torch.bool)
         starts[1:] = best[1:] != best[:-1]
-        run = starts.cumsum(0) - 1  # run index of every frame
         keep = best != 0
+        if self.hard:
+            return self.embeddings[best[starts & keep] - 1]
+        mixes = logits[:, 1:].softmax(-1) @ self.embeddings
+        run = starts.cumsum(0) - 1  # run index of every frame
         if not keep.any():
             return mixes[:0]
         sums = mixes.new_zeros(int(run[-1]) + 1, mixes.shape[1]).index_add(0, run[keep], mixes[keep])

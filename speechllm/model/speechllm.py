@@ -25,12 +25,16 @@ IGNORE_INDEX = -100
 @dataclass
 class ModelInput:
     """What the model reads of one example: the Whisper frames ``feats`` ``[T, D]`` (None: text only, the
-    cascade) and the token ids of the prompt before and after the audio, and of the target."""
+    cascade) and the token ids of the prompt before and after the audio, and of the target.
+
+    ``spoken`` (with ``feats`` None) is the token ids of the transcript, read where the audio would be:
+    the text-first steps of training (``text_first_steps``)."""
 
     feats: torch.Tensor | None
     before: list[int]
     after: list[int]
     target: list[int]
+    spoken: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,22 @@ class SpeechLLM(nn.Module):
         if self.adapter is not None:
             audio = list(self.adapter.parameters())
             audio += [] if self.ctc_head is None else list(self.ctc_head.parameters())
-            groups.insert(0, {"params": audio, "lr": audio_lr})
+            audio = [p for p in audio if p.requires_grad]  # none when slot filling freezes them (freeze_audio)
+            if audio:
+                groups.insert(0, {"params": audio, "lr": audio_lr})
         return groups
+
+    def freeze_audio(self) -> None:
+        """Leave the adapter and the CTC head as they are: only LoRA trains, and no gradient flows
+        back through the audio path (its backward pass is skipped)."""
+        for module in (self.adapter, self.ctc_head):
+            if module is not None:
+                module.requires_grad_(False)
+
+    def audio_parameter_names(self) -> list[str]:
+        """The adapter's and the CTC head's weights: a checkpoint keeps them, trained or frozen."""
+        return [f"{name}.{n}" for name, module in (("adapter", self.adapter), ("ctc_head", self.ctc_head))
+                if module is not None for n, _ in module.named_parameters()]
 
     def _embed_tokens(self, ids: list[int]) -> torch.Tensor:
         table = self.llm.get_input_embeddings()
@@ -103,6 +121,8 @@ class SpeechLLM(nn.Module):
         audio = self.audio_embeddings(items)
         rows, labels = [], []
         for item, a in zip(items, audio):
+            if item.spoken:
+                a = self._embed_tokens(item.spoken)
             parts = [self._embed_tokens(item.before)] + ([a] if a is not None else [])
             parts += [self._embed_tokens(ids) for ids in (item.after, item.target) if ids]
             rows.append(torch.cat(parts))

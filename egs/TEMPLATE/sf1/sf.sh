@@ -46,6 +46,7 @@ train_args=""        # overrides of train_config's keys, e.g. "lr=1e-3 align.ste
 llm_args=""          # overrides of the LLM config's keys, e.g. "lora.r=16" (resolved: <exp>/llm.yaml)
 force_config=false   # true: resume an experiment even though its resolved configs changed
 tag=""               # suffix of the experiment dir name
+align_dir=""         # the alignment the modes share (default exp/<llm>_align<tag>); another run's reuses it
 ngpu=0               # GPUs per training node, and 1 GPU per job of stages 1 and 4 when > 0 (0: CPU)
 num_nodes=1          # nodes of the training job (more than 1 needs cmd_backend=slurm)
 cpu_procs=1          # with --ngpu 0: training processes per node (gloo DDP)
@@ -128,8 +129,12 @@ dump_set() {  # dump_set <data dir> <dump dir> <asr>: Whisper features (and ASR)
   log "${out}: $(wc -l < "${out}/feats.scp") utterances, $(wc -l < "${out}/skipped") skipped (see ${out}/skipped)"
 }
 
-stage3_aligns() {  # stage 3's alignment steps (align.steps of the resolved training config)
-  python -m speechllm.bin.train_config_value "${train_config}" align.steps --train_args "${train_args}"
+uses_align_corpus() {  # whether stage 3 aligns (align.steps of the resolved training config) on the corpus
+  [ "${align_calls}" -gt 0 ] || return 1
+  local steps
+  steps=$(python -m speechllm.bin.train_config_value "${train_config}" align.steps --train_args "${train_args}") \
+    || { log "Error: could not read align.steps of ${train_config} (--train_args '${train_args}')"; exit 1; }
+  [ "${steps}" -gt 0 ]
 }
 
 align_corpus_dir() {  # one corpus per Whisper and seed; a larger --align_calls extends it
@@ -142,7 +147,7 @@ stage1() {
       "in ${nj} jobs -> dump/${dset}"
     dump_set "data/${dset}" "dump/${dset}" "${asr}"
   done
-  [ "${align_calls}" -gt 0 ] && [ "$(stage3_aligns)" -gt 0 ] || return 0
+  uses_align_corpus || return 0
   local adir
   adir=$(align_corpus_dir)
   mkdir -p "${adir}"
@@ -179,8 +184,11 @@ stage3() {
   if [ "${force_config}" = true ]; then opts+=(--force_config); fi
   if [ -n "${llm_path}" ]; then opts+=(--llm_path "${llm_path}"); fi
   # an alignment phase (the config's align.steps) runs once, into a dir every mode reuses
-  opts+=(--align_dir "$(expdir_of align)")
-  if [ "${align_calls}" -gt 0 ] && [ "$(stage3_aligns)" -gt 0 ]; then opts+=(--align_corpus "$(align_corpus_dir)"); fi
+  opts+=(--align_dir "${align_dir:-$(expdir_of align)}")
+  if uses_align_corpus; then opts+=(--align_corpus "$(align_corpus_dir)"); fi
+  # a tiny test LLM's tokenizer learns every mode's texts: one tokenizer, so one alignment, for all modes
+  local tiny_texts=() every
+  for every in $(python -m speechllm.bin.modes); do tiny_texts+=("dump/${train_set}/${every}.jsonl"); done
   log "Stage 3: ${num_nodes} node(s) x ${nproc_per_node} process(es) on ${train_device}, batch per process" \
     "x grad_accum x $((num_nodes * nproc_per_node)) = effective batch (see ${train_config})"
   for m in ${modes}; do
@@ -206,7 +214,8 @@ stage3() {
       -m speechllm.bin.train --train_jsonl "dump/${train_set}/${m}.jsonl" \
       --valid_jsonl "dump/${valid_set}/${m}.jsonl" --train_config "${train_config}" --llm_config "${llm_config}" \
       --train_args "${train_args}" --llm_args "${llm_args}" "${opts[@]}" --outdir "${expdir}" --mode "${m}" \
-      --align_eval $(for dset in ${test_sets}; do echo "dump/${dset}/${m}.jsonl"; done) --device "${train_device}"
+      --align_eval $(for dset in ${test_sets}; do echo "dump/${dset}/${m}.jsonl"; done) --device "${train_device}" \
+      --tiny_texts "${tiny_texts[@]}"
     log "$(grep 'training done' "${expdir}/train.log" | tail -1 | sed 's/.*INFO: //')"
   done
 }
@@ -234,8 +243,7 @@ stage4() {
 }
 
 stage5() {
-  local ddirs=() seen=("data/${train_set}/text")  # what the novel-value turns are novel to
-  if [ "${align_calls}" -gt 0 ] && [ "$(stage3_aligns)" -gt 0 ]; then seen+=("$(align_corpus_dir)/data/align/text"); fi
+  local ddirs=()
   for m in ${modes}; do
     local expdir names
     expdir=$(expdir_of "${m}")
@@ -243,7 +251,8 @@ stage5() {
     for dset in ${test_sets}; do
       for name in ${names}; do
         local ddir=${expdir}/decode_${dset}_${name}
-        local opts=(--seen_text "${seen[@]}")
+        # the novel-value turns: novel to the training text and to the alignment corpus the run read
+        local opts=(--seen_text "data/${train_set}/text")
         [ -f "data/${dset}/utt2group" ] && opts+=(--utt2group "data/${dset}/utt2group")
         [ "${allow_missing}" = true ] && opts+=(--allow_missing)
         log "Stage 5: scoring ${ddir}"
