@@ -50,6 +50,6 @@ class Budget:
         self.last_check = now
         return stop_at is not None and self.world.any(now + self.slowest + STOP_MARGIN_S > stop_at)
 
-    def spent(self) -> bool:
-        """Whether the training minutes are used up, on any rank."""
-        return self.max_minutes is not None and self.world.any(self.train_seconds() > 60 * self.max_minutes)
+    def spent(self, share: float = 1.0) -> bool:
+        """Whether the training minutes (or ``share`` of them) are used up, on any rank."""
+        return self.max_minutes is not None and self.world.any(self.train_seconds() > share * 60 * self.max_minutes)

@@ -88,11 +88,9 @@ class Trainer:
             self.ctc = CTCObjective(model.adapter, model.ctc_head, model.tokenizer)
         # a checkpoint keeps the audio path even when slot filling freezes it (freeze_audio)
         self.saved = {n for n, p in model.named_parameters() if p.requires_grad} | set(model.audio_parameter_names())
-        # the text-first steps of the curriculum (a text-only model reads text anyway)
-        self.text_steps = cfg.text_first_steps if model.adapter is not None else 0
-        if self.text_steps >= self.total_steps:
-            raise ValueError(f"text_first_steps {self.text_steps} leaves none of the {self.total_steps} steps "
-                             "to read audio")
+        # the curriculum's text-first steps: the step audio starts at, once known (a text-only model reads text)
+        self.text_share = cfg.text_first if model.adapter is not None else 0.0
+        self.audio_from: int | None = None if self.text_share else 0
 
     # -- data ----------------------------------------------------------------------------------
     def epoch_batches(self) -> BatchPlan:
@@ -129,7 +127,7 @@ class Trainer:
         transcript where its audio would be."""
         n_tokens = int(self.train_set.n_target[np.concatenate(group)].sum())
         share = ctc_mean = 0.0
-        text_step = self.step < self.text_steps
+        text_step = self.audio_from is None
         for k, (inputs, texts) in enumerate(micro):
             last = k == len(group) - 1
             if text_step:
@@ -154,6 +152,19 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return share, ctc_mean
+
+    def end_text_first_when_due(self, run_log: RunLog) -> None:
+        """Call before each step: the curriculum's text-first steps end once ``text_first`` of the
+        slot-filling minutes (``max_minutes``) or of the steps is spent, whichever comes first. Every rank
+        switches to audio at the same step, which is logged and kept in the checkpoints, so a resumed run
+        keeps it."""
+        if self.audio_from is not None:
+            return
+        share = self.text_share
+        if self.step >= share * self.total_steps or self.budget.spent(share):
+            self.audio_from = self.step
+            run_log.record({"step": self.step, "text_first_steps": self.step})
+            log.info("text first: steps 1-%d read the transcripts; audio from step %d on", self.step, self.step + 1)
 
     def skip_step(self, group: list[list[int]]) -> None:
         """Drop a step whose loss or gradient is not finite (counted and logged with the step's rows);
@@ -190,7 +201,7 @@ class Trainer:
         position = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "global_batch": self.global_batch, "grad_accum": self.cfg.grad_accum,
                     "stopped_idle": stopped_idle, "train_s": self.budget.train_seconds(),
-                    "nonfinite_steps": self.n_nonfinite}
+                    "nonfinite_steps": self.n_nonfinite, "audio_from": self.audio_from}
         save_checkpoint(self.outdir, self.step, {"trainable": trainable, "optimizer": self.optimizer.state_dict(),
                                                  "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                                                  "position": position}, self.cfg.keep_checkpoints)
@@ -217,6 +228,7 @@ class Trainer:
         self.stopped_idle_before = pos.get("stopped_idle", False)
         self.train_s_before = pos.get("train_s", 0.0)
         self.n_nonfinite = pos.get("nonfinite_steps", 0)
+        self.audio_from = pos.get("audio_from", self.audio_from)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch_in_epoch)
 
     def stop_for_time_limit(self, run_log: RunLog, idle: bool) -> None:
@@ -270,10 +282,10 @@ class Trainer:
         if cfg.freeze_audio:
             self.model.freeze_audio()
         # DistributedDataParallel under torchrun; in a text-first step the adapter gets no gradient
-        self.forward = world.wrap(self.model, find_unused_parameters=self.step < self.text_steps)
-        if self.step < self.text_steps:
-            log.info("text first: steps %d-%d read the transcripts in place of the audio, audio from step %d on",
-                     self.step + 1, self.text_steps, self.text_steps + 1)
+        self.forward = world.wrap(self.model, find_unused_parameters=self.audio_from is None)
+        if self.audio_from is None:
+            log.info("text first: the first %.0f%% of slot filling reads the transcripts in place of the audio",
+                     100 * self.text_share)
         self.model.train()
         log.info("%d examples, %d optimizer steps (%d per epoch), effective batch %d = %d x %d x %d processes",
                  len(self.train_set), self.total_steps, self.steps_per_epoch,
@@ -292,6 +304,8 @@ class Trainer:
                 # one optimizer step over the next grad_accum global batches
                 group = [batches[k] for k in range(self.batch_in_epoch,
                                                    min(self.batch_in_epoch + cfg.grad_accum, len(batches)))]
+                self.end_text_first_when_due(run_log)
+                text_step = self.audio_from is None
                 losses = self.train_step(group, [next(micro) for _ in group])
                 if losses is not None:
                     run_log.add_step(*losses)
@@ -302,7 +316,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     losses = run_log.window()
                     run_log.record({"step": self.step, "epoch": self.epoch, **losses,
-                                    "input": "text" if self.step <= self.text_steps else "audio",
+                                    "input": "text" if text_step else "audio",
                                     "lr": self.scheduler.get_last_lr()[-1], "elapsed_s": budget.train_seconds()})
                     if "loss" in losses:
                         bar.set_postfix(loss=f"{losses['loss']:.3f}")

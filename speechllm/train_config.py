@@ -55,7 +55,7 @@ class TrainConfig:
     ctc_weight: float = 0.0  # slot filling adds this times the CTC loss of the batch's transcripts (ctc_tokens)
     ctc_collapse: str = "mix"  # ctc_tokens: a posterior-weighted "mix" of embeddings per token, or the best ("hard")
     freeze_audio: bool = False  # slot filling trains LoRA only: the aligned adapter and CTC head stay as they are
-    text_first_steps: int = 0  # the first N steps read each turn's transcript in place of its audio (curriculum)
+    text_first: float = 0.0  # share of slot filling (of max_minutes, else of the steps) read on transcripts first
     max_minutes: float | None = None  # slot-filling time, resumed jobs included (not alignment or evaluation)
     eval_every: int = 0  # decode and score the valid set every N optimizer steps (0: never)
     eval_max_examples: int = 40
@@ -87,8 +87,9 @@ class TrainConfig:
         if self.freeze_audio and self.ctc_weight > 0:
             raise ValueError("freeze_audio leaves the CTC head as it is, so ctc_weight would train nothing: "
                              "set one of them")
-        if self.text_first_steps < 0:
-            raise ValueError(f"text_first_steps must be >= 0, not {self.text_first_steps}")
+        if not 0 <= self.text_first < 1:
+            raise ValueError(f"text_first must be at least 0 and below 1 (some steps must read audio), not "
+                             f"{self.text_first}")
 
 
 def accumulation_for(cfg: TrainConfig, processes: int) -> int:

@@ -90,7 +90,8 @@ def test_tuning_configs_resolve_to_what_their_write_ups_ran(tmp_path):
     config cannot silently change what they reproduce."""
     tuning = Path(__file__).resolve().parents[1] / "egs" / "callcenter" / "sf1" / "conf" / "tuning"
     got = {f.stem: dataclasses.asdict(load_yaml_dataclass(f, TrainConfig)) for f in sorted(tuning.glob("*.yaml"))}
-    common = dict(batch_size=8, grad_accum=1, lr=5e-4, adapter_hidden=2048, stack=4, seed=1)
+    common = dict(batch_size=8, grad_accum=1, lr=5e-4, adapter_hidden=2048, stack=4, seed=1, text_first=0.0,
+                  ctc_collapse="mix", freeze_audio=False)
     expected = {
         "align_probe": dict(max_steps=1, max_minutes=None, adapter_lr=2e-4, warmup_ratio=0.0, log_every=1,
                             save_every=50, align=dict(steps=600, batch_size=16, lr=1e-3, eval_every=150,

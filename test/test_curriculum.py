@@ -53,11 +53,11 @@ def test_a_transcript_read_in_place_of_the_audio_is_its_tokens_embeddings(tmp_pa
         assert torch.equal(read[key], inline[key]), key
 
 
-def _recorded_training(tmp_path, monkeypatch, cfg: TrainConfig):
-    """``build_and_train`` on four turns; every forward pass's inputs and adapter weights are recorded."""
+def _recorded_training(tmp_path, monkeypatch, cfg: TrainConfig, calls: list | None = None):
+    """``build_and_train`` on four turns; every forward pass's inputs and adapter weights go to ``calls``."""
     from speechllm.train import build_and_train
 
-    calls = []
+    calls = [] if calls is None else calls
     forward = SpeechLLM.forward
 
     def recorded(self, items, num_items_in_batch=None):
@@ -74,7 +74,7 @@ def _recorded_training(tmp_path, monkeypatch, cfg: TrainConfig):
 def test_text_first_steps_read_transcripts_then_audio_through_hard_tokens(tmp_path, monkeypatch):
     from speechllm.model.builder import load_model
 
-    cfg = _config(text_first_steps=2, ctc_collapse="hard")
+    cfg = _config(text_first=0.5, ctc_collapse="hard")
     model, jsonl, calls = _recorded_training(tmp_path, monkeypatch, cfg)
     tokens = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert len(calls) == 4
@@ -123,7 +123,8 @@ def test_freeze_audio_trains_lora_alone_and_checkpoints_the_aligned_audio_path(t
     ("align:\n  steps: 4\naudio_input: ctc_tokens\nfreeze_audio: true\nctc_weight: 0.5\n",
      "freeze_audio .* ctc_weight would train nothing"),
     ("align:\n  steps: 4\naudio_input: ctc_tokens\nctc_collapse: argmax\n", "ctc_collapse must be one of"),
-    ("text_first_steps: -1\n", "text_first_steps must be >= 0, not -1"),
+    ("text_first: -0.1\n", "text_first must be at least 0 and below 1 .*, not -0.1"),
+    ("text_first: 1.0\n", "text_first must be at least 0 and below 1 \\(some steps must read audio\\), not 1.0"),
 ])
 def test_curriculum_config_is_checked(tmp_path, text, message):
     from speechllm.config import load_yaml_dataclass
@@ -135,9 +136,15 @@ def test_curriculum_config_is_checked(tmp_path, text, message):
         load_yaml_dataclass(path, TrainConfig)
 
 
-def test_text_first_steps_must_leave_audio_steps(tmp_path):
-    from speechllm.train import build_and_train
+def test_text_first_ends_at_its_share_of_the_minutes_when_they_run_out_before_the_steps(tmp_path, monkeypatch):
+    """A time budget: 10 s per step (a fake clock), 1 minute, 20 steps planned: half the minutes is spent
+    after step 4, long before half the steps, and the minute after step 7."""
+    from speechllm.budget import Budget
 
-    jsonl = write_examples(tmp_path, _rows())
-    with pytest.raises(ValueError, match="text_first_steps 4 leaves none of the 4 steps to read audio"):
-        build_and_train(tiny_llm_dict(), _config(text_first_steps=4), jsonl, None, tmp_path / "exp", mode="regular")
+    calls = []
+    monkeypatch.setattr(Budget, "train_seconds", lambda self: 10.0 * len(calls))
+    _, _, recorded = _recorded_training(tmp_path, monkeypatch, _config(text_first=0.5, max_steps=20, max_minutes=1),
+                                        calls)
+    assert [all(x.feats is None for x in c["items"]) for c in recorded] == [True] * 4 + [False] * 3
+    log = [json.loads(line) for line in (tmp_path / "exp" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["text_first_steps"] for r in log if "text_first_steps" in r] == [4]

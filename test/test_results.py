@@ -228,9 +228,8 @@ def test_novel_turns_are_scored_apart_and_tabled_with_the_alignment(tmp_path, mo
     seen.write_text("t1 I paid $30 last month\nt2 the limit is 4000\n")  # u1's value seen, u2's not
     exp = tmp_path / "exp" / "run"
     exp.mkdir(parents=True)
-    (exp / "train_log.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.5}\n'
-                                         '{"step": 10, "valid_loss": 0.7}\n')
-    (exp / "train.yaml").write_text("max_steps: 10\ntext_first_steps: 4\n")
+    (exp / "train_log.jsonl").write_text('{"step": 4, "text_first_steps": 4}\n{"step": 5, "loss": 1.0}\n'
+                                         '{"step": 10, "loss": 0.5}\n{"step": 10, "valid_loss": 0.7}\n')
     corpus = tmp_path / "corpus"  # the alignment corpus the run read is seen too
     (corpus / "data" / "align").mkdir(parents=True)
     (corpus / "data" / "align" / "text").write_text("c1 my name is maria garcia\n")

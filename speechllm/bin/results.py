@@ -28,8 +28,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
 from speechllm.formatting import DECODES, HYBRID, MODES, decode_mode
 from speechllm.io_utils import InputError, atomic_write, read_json
 from speechllm.logging_utils import setup_logging
@@ -139,11 +137,10 @@ def training_of(exp_dir: str | None, dset: str) -> tuple[str, str, str]:
     steps, ctc_steps, recall = "-", "-", "-"
     if exp_dir and (Path(exp_dir) / "train_log.jsonl").is_file():
         with open(Path(exp_dir) / "train_log.jsonl", encoding="utf-8") as f:
-            n = max((json.loads(line).get("step", 0) for line in f), default=0)
-        config = Path(exp_dir) / "train.yaml"
-        text_first = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("text_first_steps", 0) \
-            if config.is_file() else 0
-        steps = f"{n} ({min(n, text_first)} on text)" if text_first else str(n)
+            records = [json.loads(line) for line in f]
+        n = max((r.get("step", 0) for r in records), default=0)
+        text_first = [r["text_first_steps"] for r in records if "text_first_steps" in r]
+        steps = f"{n} ({text_first[-1]} on text)" if text_first else str(n)
     if exp_dir and (Path(exp_dir) / "alignment.json").is_file():
         aligned = read_json(Path(exp_dir) / "alignment.json")
         ctc_steps = str(aligned["step"])

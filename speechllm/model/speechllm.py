@@ -28,7 +28,7 @@ class ModelInput:
     cascade) and the token ids of the prompt before and after the audio, and of the target.
 
     ``spoken`` (with ``feats`` None) is the token ids of the transcript, read where the audio would be:
-    the text-first steps of training (``text_first_steps``)."""
+    the text-first steps of training (``text_first``)."""
 
     feats: torch.Tensor | None
     before: list[int]
