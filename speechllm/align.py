@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from speechllm.data import Example, TokenizedSet, load_feats, read_examples
+from speechllm.data import Example, TokenizedSet, iter_examples, load_feats, read_examples
 from speechllm.distributed import World
 from speechllm.features import read_whisper_record
 from speechllm.io_utils import InputError, atomic_write, read_json, read_kaldi_map, read_slots
@@ -287,13 +287,19 @@ class AlignmentData:
 def alignment_data(directory: Path, train: TokenizedSet, valid: TokenizedSet | None, corpus: Path | None = None,
                    eval_jsonls: Iterable[Path] = (), whisper: str | None = None) -> AlignmentData:
     """The training turns and the corpus's, and the held-out sets: ``valid``, then one per ``eval_jsonls``
-    file, named by its directory (``dump/test/regular.jsonl``: ``test``)."""
+    file, named by its directory (``dump/test/regular.jsonl``: ``test``). The corpus loses every sentence
+    of the held-out files, all of their rows (``valid`` may be measured on its first rows only)."""
     evals = {"valid": set_turns(valid)} if valid is not None else {}
     for path in eval_jsonls:
-        evals[Path(path).parent.name] = unique_turns(read_examples(path))
+        name = Path(path).parent.name
+        if name in evals:
+            raise InputError(f"{path}: a second held-out set named {name!r} (sets are named by their directory)")
+        evals[name] = unique_turns(read_examples(path))
     turns = set_turns(train)
     if corpus is not None:
-        turns += corpus_turns(corpus, (e.text for examples in evals.values() for e in examples), whisper)
+        held_out = [] if valid is None else [e.text for _, e in iter_examples(valid.meta["source"])]
+        held_out += [e.text for name, examples in evals.items() if name != "valid" for e in examples]
+        turns += corpus_turns(corpus, held_out, whisper)
     return AlignmentData(directory, turns, evals, None if corpus is None else str(Path(corpus).resolve()))
 
 

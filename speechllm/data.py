@@ -9,7 +9,6 @@ before cutting it into batches, so padding stays small while the order still cha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from speechllm.io_utils import InputError, atomic_write, file_stamp, jsonl_rows, read_jsonl
+from speechllm.io_utils import InputError, atomic_write, file_stamp, fingerprint, jsonl_rows, read_jsonl
 from speechllm.distributed import World
 from speechllm.model.speechllm import ModelInput, SpeechLLM
 from speechllm.slots import Slots
@@ -209,10 +208,6 @@ def tokenize_once(jsonl: str | Path, directory: str | Path, tokenize: TokenizeFn
     with atomic_write(meta_file) as f:
         json.dump({**stamp, "rows": n_rows, "tokens": n_tokens, "arks": ark_stamps(arks, jsonl)}, f)
     log.info("tokenised %d rows (%d tokens) of %s into %s", n_rows, n_tokens, jsonl, directory)
-
-
-def fingerprint(*parts: object) -> str:
-    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 def load_feats(example: Example) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -178,3 +179,8 @@ def read_descriptions(path: str | Path) -> dict[str, dict[str, str]]:
             raise InputError(f"{path}:{lineno}: 'descriptions' must map labels to strings")
         out[obj["utt_id"]] = descriptions
     return out
+
+
+def fingerprint(*parts: object) -> str:
+    """A short hash of JSON-able ``parts``: what a cached file was made from."""
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]

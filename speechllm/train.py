@@ -36,12 +36,12 @@ from speechllm.budget import Budget, TimeLimit
 from speechllm.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                   set_seed)
 from speechllm.config import from_dict
-from speechllm.data import (BatchPlan, TokenizedSet, bucketed_batches, collate, fingerprint, iter_examples,
-                            load_feats, tokenized)
+from speechllm.data import (BatchPlan, TokenizedSet, bucketed_batches, collate, iter_examples, load_feats,
+                            tokenized)
 from speechllm.decode import new_token_cap
 from speechllm.distributed import World
 from speechllm.evaluate import CurveEvaluator, validation_loss
-from speechllm.io_utils import InputError, atomic_write
+from speechllm.io_utils import InputError, atomic_write, fingerprint
 from speechllm.model.builder import ModelSpec, build_speechllm, save_model, tiny_base_llm
 from speechllm.model.llm import LLMConfig
 from speechllm.model.speechllm import ModelInput, SpeechLLM

@@ -102,6 +102,33 @@ def test_the_phase_reads_the_corpus_without_any_sentence_of_the_held_out_sets(tm
         corpus_turns(tmp_path / "none", held_out, "base")
 
 
+def test_every_row_of_the_held_out_files_leaves_the_corpus_not_only_those_measured(tmp_path):
+    """The dev set is measured on its first rows (``valid_max_examples``), but none of its sentences may
+    be trained on; and two held-out sets of one name are refused, not one silently dropped."""
+    from conftest import make_tiny_speechllm, write_examples
+    from speechllm.align import alignment_data
+    from speechllm.data import tokenized
+
+    dev = ["My name is Rosa Brown.", "The limit is five thousand."]
+    rows = [{"utt_id": f"d{i}", "prompt": "<audio>\nFind slots.", "target": "{}", "slots": {}, "text": t}
+            for i, t in enumerate(dev)]
+    (tmp_path / "dev").mkdir()
+    jsonl = write_examples(tmp_path / "dev", rows)
+    model, _, _ = make_tiny_speechllm(tmp_path, dev * 5)
+    valid = tokenized(model, jsonl, tmp_path / "tokens", limit=1)  # measured on its first row only
+    utts = _corpus(tmp_path / "corpus", ["the limit is five thousand", "My name is Lucas Campbell."])
+    data = alignment_data(tmp_path / "align", valid, valid, tmp_path / "corpus", whisper="base")
+    assert [e.utt_id for e in data.evals["valid"]] == ["d0"]
+    assert [t.utt_id for t in data.turns if t.utt_id.startswith("al")] == [utts[1]]
+    (tmp_path / "test").mkdir()
+    test = write_examples(tmp_path / "test", [dict(r, utt_id=f"t{i}") for i, r in enumerate(rows)])
+    other = tmp_path / "other" / "test"
+    other.mkdir(parents=True)
+    (other / "x.jsonl").write_text(test.read_text())
+    with pytest.raises(InputError, match=rf"{other / 'x.jsonl'}: a second held-out set named 'test'"):
+        alignment_data(tmp_path / "align", valid, valid, tmp_path / "corpus", [test, other / "x.jsonl"], "base")
+
+
 def test_the_real_corpus_never_reaches_training_with_a_test_sentence(tmp_path):
     """The recipe's own test calls share categorical answers ("It's the debit card.") with the stream:
     the reader drops exactly those."""

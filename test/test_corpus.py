@@ -116,3 +116,27 @@ def test_synthesis_writes_kaldi_data_dirs(tmp_path):
             assert np.abs(audio.astype(np.int32) - expected).max() <= 1, utt
         listed |= {Path(p) for p in wav.values()}
     assert listed == set((tmp_path / "wav").resolve().glob("*.wav"))  # one wav per turn, each listed once
+
+
+def test_a_changed_turn_is_spoken_again_and_the_others_kept(tmp_path, monkeypatch):
+    """A wav is reused only if it says its turn's text in its voice: a generator that changed a turn
+    must not leave it paired with the old audio."""
+    from speechllm.corpus import synth
+
+    spoken = []
+    monkeypatch.setattr(synth, "synthesize", lambda text, *voice: spoken.append(text) or np.ones(160, np.float32))
+    generate_corpus(tmp_path / "db", 2, 0, 0, seed=2)
+    conversations = tmp_path / "db/conversations.jsonl"
+    args = (conversations, tmp_path / "db/slot_inventory.json", tmp_path / "wav", tmp_path / "data")
+    build_data_dirs(*args, nj=1, seed=2)
+    n_turns = len(spoken)
+    build_data_dirs(*args, nj=1, seed=2)
+    assert len(spoken) == n_turns  # nothing to speak again
+    calls = [json.loads(line) for line in conversations.read_text().splitlines()]
+    calls[1]["turns"][2]["text"] = "A changed turn."
+    conversations.write_text("".join(json.dumps(c) + "\n" for c in calls))
+    build_data_dirs(*args, nj=1, seed=2)
+    assert spoken[n_turns:] == ["A changed turn."]
+    (tmp_path / "wav" / "spoken.json").unlink()  # wavs of unknown making: spoken again, all of them
+    build_data_dirs(*args, nj=1, seed=2)
+    assert len(spoken) == 2 * n_turns + 1

@@ -27,7 +27,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from speechllm.features import SAMPLE_RATE, resample_to_16k
-from speechllm.io_utils import InputError, atomic_write, read_jsonl, write_kaldi_map
+from speechllm.io_utils import InputError, atomic_write, fingerprint, read_jsonl, write_kaldi_map
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ VOICES = {
     "agent": ("en-us+m3", "en-us+f2", "en-gb-x-rp+m1", "en-us+f4", "en+m4"),
     "customer": ("en-gb+m2", "en-gb-scotland+f3", "en-us+m7", "en-gb-x-rp+f1", "en-029+m5", "en-us-nyc+f5"),
 }
+SPOKEN = "spoken.json"  # per wav dir: what each wav says, in which voice (a fingerprint)
 SIDES = {"agent": "agent", "system": "agent", "customer": "customer", "user": "customer"}
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-029", "en-us-nyc")
 VARIANTS = ("m1 m2 m3 m4 m5 m6 m7 m8 f1 f2 f3 f4 f5 klatt klatt2 klatt3 klatt4 Andy Annie Alex Alicia benjamin "
@@ -82,9 +83,12 @@ def utt_id(conv_id: str, speaker: str, turn: int) -> str:
 
 def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, datadir: Path,
                     nj: int = 2, seed: int = 1, voices: VoiceSet = VOICE_SETS["callcenter"]) -> dict[str, int]:
-    """Synthesise every turn (skipping wavs that already exist) and write one data dir per split.
+    """Synthesise every turn and write one data dir per split.
 
-    ``inventory`` is one file for every split, or a pattern with ``{split}`` for one per split.
+    A wav is kept only if ``<wavdir>/spoken.json`` records that it says the same text in the same
+    voice: a changed generator (or a new Faker) speaks its changed turns again instead of pairing them
+    with stale audio. ``inventory`` is one file for every split, or a pattern with ``{split}`` for one
+    per split.
     """
     wavdir.mkdir(parents=True, exist_ok=True)
     calls = []
@@ -104,15 +108,21 @@ def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, da
             uid = utt_id(call["conv_id"], t["speaker"], turn)
             jobs.append((wavdir / f"{uid}.wav", t["text"], *voice_for(call["conv_id"], t["speaker"], seed, voices)))
 
+    manifest = wavdir / SPOKEN
+    spoken = json.loads(manifest.read_text(encoding="utf-8")) if manifest.exists() else {}
+    said = {path.stem: fingerprint(*job) for path, *job in jobs}
+    todo = [job for job in jobs if not (job[0].exists() and spoken.get(job[0].stem) == said[job[0].stem])]
+    log.info("%s: %d of %d turns to speak (the others are spoken already)", wavdir, len(todo), len(jobs))
+
     def run(job: tuple[Path, str, str, int, int]) -> None:
         path, text, voice, rate, pitch = job
-        if path.exists():
-            return
         with atomic_write(path, "wb") as f:
             sf.write(f, synthesize(text, voice, rate, pitch), SAMPLE_RATE, format="WAV", subtype="PCM_16")
 
     with ThreadPoolExecutor(max(1, nj)) as pool:
-        list(tqdm(pool.map(run, jobs), total=len(jobs), desc="espeak-ng", unit="utt"))
+        list(tqdm(pool.map(run, todo), total=len(todo), desc="espeak-ng", unit="utt"))
+    with atomic_write(manifest) as f:  # after the wavs: a killed run speaks its turns again
+        json.dump({**spoken, **said}, f)
 
     counts: dict[str, int] = {}
     for split in sorted({c["split"] for c in calls}):
