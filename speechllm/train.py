@@ -91,6 +91,8 @@ class Trainer:
         # the curriculum's text-first steps: the step audio starts at, once known (a text-only model reads text)
         self.text_share = cfg.text_first if model.adapter is not None else 0.0
         self.audio_from: int | None = None if self.text_share else 0
+        if math.ceil(self.text_share * self.total_steps) >= self.total_steps:
+            raise ValueError(f"text_first {self.text_share} of {self.total_steps} steps leaves no step to read audio")
 
     # -- data ----------------------------------------------------------------------------------
     def epoch_batches(self) -> BatchPlan:
@@ -154,16 +156,16 @@ class Trainer:
         return share, ctc_mean
 
     def end_text_first_when_due(self, run_log: RunLog) -> None:
-        """Call before each step: the curriculum's text-first steps end once ``text_first`` of the
-        slot-filling minutes (``max_minutes``) or of the steps is spent, whichever comes first. Every rank
-        switches to audio at the same step, which is logged and kept in the checkpoints, so a resumed run
-        keeps it."""
+        """Call after each step, before its checkpoint: the curriculum's text-first steps end once
+        ``text_first`` of the slot-filling minutes (``max_minutes``) or of the steps is spent, whichever
+        comes first. Every rank switches to audio at the same step, which is logged once and kept in the
+        checkpoints, so a resumed run keeps it."""
         if self.audio_from is not None:
             return
         share = self.text_share
         if self.step >= share * self.total_steps or self.budget.spent(share):
             self.audio_from = self.step
-            run_log.record({"step": self.step, "text_first_steps": self.step})
+            run_log.record({"step": self.step, "text_steps": self.step})
             log.info("text first: steps 1-%d read the transcripts; audio from step %d on", self.step, self.step + 1)
 
     def skip_step(self, group: list[list[int]]) -> None:
@@ -279,7 +281,9 @@ class Trainer:
             if main:  # what the experiment started from, for stage 5's tables
                 with atomic_write(self.outdir / "alignment.json") as f:
                     json.dump(aligned, f, indent=1)
-        if cfg.freeze_audio:
+        # hard CTC tokens pass no gradient back: without the CTC loss, the audio path does not train
+        hard = self.model.ctc_head is not None and self.model.ctc_head.hard and self.ctc is None
+        if cfg.freeze_audio or hard:
             self.model.freeze_audio()
         # DistributedDataParallel under torchrun; in a text-first step the adapter gets no gradient
         self.forward = world.wrap(self.model, find_unused_parameters=self.audio_from is None)
@@ -304,13 +308,13 @@ class Trainer:
                 # one optimizer step over the next grad_accum global batches
                 group = [batches[k] for k in range(self.batch_in_epoch,
                                                    min(self.batch_in_epoch + cfg.grad_accum, len(batches)))]
-                self.end_text_first_when_due(run_log)
                 text_step = self.audio_from is None
                 losses = self.train_step(group, [next(micro) for _ in group])
                 if losses is not None:
                     run_log.add_step(*losses)
                 self.batch_in_epoch += len(group)
                 self.step += 1
+                self.end_text_first_when_due(run_log)
                 bar.update(1)
                 # the mean loss since the last report, over every rank
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:

@@ -137,6 +137,25 @@ def test_a_changed_turn_is_spoken_again_and_the_others_kept(tmp_path, monkeypatc
     conversations.write_text("".join(json.dumps(c) + "\n" for c in calls))
     build_data_dirs(*args, nj=1, seed=2)
     assert spoken[n_turns:] == ["A changed turn."]
-    (tmp_path / "wav" / "spoken.json").unlink()  # wavs of unknown making: spoken again, all of them
+    (tmp_path / "wav" / "spoken.jsonl").unlink()  # wavs of unknown making: spoken again, all of them
     build_data_dirs(*args, nj=1, seed=2)
     assert len(spoken) == 2 * n_turns + 1
+
+    # killed while speaking a changed turn: it is not taken for its old self when the change is undone
+    calls[1]["turns"][2]["text"] = "Another change."
+    conversations.write_text("".join(json.dumps(c) + "\n" for c in calls))
+
+    class Killed(Exception):
+        pass
+
+    def killed(text, *voice):
+        raise Killed
+
+    monkeypatch.setattr(synth, "synthesize", killed)
+    with pytest.raises(Killed):
+        build_data_dirs(*args, nj=1, seed=2)
+    monkeypatch.setattr(synth, "synthesize", lambda text, *voice: spoken.append(text) or np.ones(160, np.float32))
+    calls[1]["turns"][2]["text"] = "A changed turn."  # what the wav said before the killed run
+    conversations.write_text("".join(json.dumps(c) + "\n" for c in calls))
+    build_data_dirs(*args, nj=1, seed=2)
+    assert spoken[2 * n_turns + 1:] == ["A changed turn."]

@@ -71,11 +71,8 @@ def _recorded_training(tmp_path, monkeypatch, cfg: TrainConfig, calls: list | No
     return model, jsonl, calls
 
 
-def test_text_first_steps_read_transcripts_then_audio_through_hard_tokens(tmp_path, monkeypatch):
-    from speechllm.model.builder import load_model
-
-    cfg = _config(text_first=0.5, ctc_collapse="hard")
-    model, jsonl, calls = _recorded_training(tmp_path, monkeypatch, cfg)
+def test_text_first_steps_read_transcripts_then_audio(tmp_path, monkeypatch):
+    model, jsonl, calls = _recorded_training(tmp_path, monkeypatch, _config(text_first=0.5))
     tokens = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert len(calls) == 4
     # the two text steps are one epoch: every turn once, its transcript's tokens where its audio would be
@@ -87,11 +84,20 @@ def test_text_first_steps_read_transcripts_then_audio_through_hard_tokens(tmp_pa
     aligned = torch.load(tmp_path / "exp" / "align" / "adapter.pt")
     for call in calls[:3]:  # no gradient reaches the adapter in the text steps
         assert all(torch.equal(call["adapter"][k], aligned[k]) for k in aligned)
+    assert any(not torch.equal(calls[3]["adapter"][k], aligned[k]) for k in aligned)  # the first audio step does
     assert any(not torch.equal(calls[0]["lora"][n], calls[2]["lora"][n]) for n in calls[0]["lora"])  # LoRA learns
     log = [json.loads(line) for line in (tmp_path / "exp" / "train_log.jsonl").read_text().splitlines()]
     assert [r["input"] for r in log if "loss" in r] == ["text", "text", "audio", "audio"]
+    assert [r["text_steps"] for r in log if "text_steps" in r] == [2]
 
-    # the hard head is what decoding rebuilds
+
+def test_hard_tokens_leave_the_audio_path_as_aligned_and_decoding_rebuilds_them(tmp_path, monkeypatch):
+    from speechllm.model.builder import load_model
+
+    model, jsonl, _ = _recorded_training(tmp_path, monkeypatch, _config(ctc_collapse="hard", max_steps=2))
+    aligned = torch.load(tmp_path / "exp" / "align" / "adapter.pt")
+    assert all(torch.equal(model.adapter.state_dict()[k], v) for k, v in aligned.items())
+    assert not any(p.requires_grad for p in [*model.adapter.parameters(), *model.ctc_head.parameters()])
     loaded = load_model(tmp_path / "exp" / "model")
     assert loaded.ctc_head.hard and model.ctc_head.hard
     examples = read_examples(jsonl)[:2]
@@ -147,4 +153,38 @@ def test_text_first_ends_at_its_share_of_the_minutes_when_they_run_out_before_th
                                         calls)
     assert [all(x.feats is None for x in c["items"]) for c in recorded] == [True] * 4 + [False] * 3
     log = [json.loads(line) for line in (tmp_path / "exp" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["text_first_steps"] for r in log if "text_first_steps" in r] == [4]
+    assert [r["text_steps"] for r in log if "text_steps" in r] == [4]
+
+
+def test_a_resumed_run_keeps_the_step_audio_started_at(tmp_path, monkeypatch):
+    """Killed after step 3 (audio from step 3 on), resumed: step 4 reads audio, the switch logged once."""
+    from speechllm.train import Trainer
+
+    class Killed(Exception):
+        pass
+
+    step = Trainer.train_step
+
+    def dies_at_step_4(self, group, micro):
+        if self.step == 3:
+            raise Killed
+        return step(self, group, micro)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_4)
+    cfg = _config(text_first=0.5, save_every=1)
+    with pytest.raises(Killed):
+        _recorded_training(tmp_path, monkeypatch, cfg)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    _, _, calls = _recorded_training(tmp_path, monkeypatch, cfg)
+    assert len(calls) == 1 and all(x.feats is not None for x in calls[0]["items"])
+    log = [json.loads(line) for line in (tmp_path / "exp" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["text_steps"] for r in log if "text_steps" in r] == [2]
+    assert [r["input"] for r in log if "loss" in r] == ["text", "text", "audio", "audio"]
+
+
+def test_text_first_must_leave_audio_steps(tmp_path):
+    from speechllm.train import build_and_train
+
+    jsonl = write_examples(tmp_path, _rows())
+    with pytest.raises(ValueError, match="text_first 0.9 of 4 steps leaves no step to read audio"):
+        build_and_train(tiny_llm_dict(), _config(text_first=0.9), jsonl, None, tmp_path / "exp", mode="regular")

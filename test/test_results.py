@@ -228,7 +228,7 @@ def test_novel_turns_are_scored_apart_and_tabled_with_the_alignment(tmp_path, mo
     seen.write_text("t1 I paid $30 last month\nt2 the limit is 4000\n")  # u1's value seen, u2's not
     exp = tmp_path / "exp" / "run"
     exp.mkdir(parents=True)
-    (exp / "train_log.jsonl").write_text('{"step": 4, "text_first_steps": 4}\n{"step": 5, "loss": 1.0}\n'
+    (exp / "train_log.jsonl").write_text('{"step": 4, "text_steps": 4}\n{"step": 5, "loss": 1.0}\n'
                                          '{"step": 10, "loss": 0.5}\n{"step": 10, "valid_loss": 0.7}\n')
     corpus = tmp_path / "corpus"  # the alignment corpus the run read is seen too
     (corpus / "data" / "align").mkdir(parents=True)
@@ -240,6 +240,13 @@ def test_novel_turns_are_scored_apart_and_tabled_with_the_alignment(tmp_path, mo
     score = ["--ref_jsonl", str(ref), "--hyp_jsonl", str(hyp), "--outdir", str(ddir / "score"),
              "--mode", "regular", "--llm", "tiny_llama", "--set", "test", "--exp_dir", str(exp), "--seen_text", str(seen)]
     (corpus / "data" / "align" / "text").write_text("c1 a new limit of 5000\n")  # u2's value
+    score_bin.main(score)
+    assert json.loads((ddir / "score" / "scores.json").read_text())["novel"]["n_utts"] == 0
+    # an alignment.json from before it named the corpus: the alignment dir's align.json does
+    aligned = json.loads((exp / "alignment.json").read_text())
+    (tmp_path / "align").mkdir()
+    (tmp_path / "align" / "align.json").write_text(json.dumps({"corpus": aligned.pop("corpus")}))
+    (exp / "alignment.json").write_text(json.dumps({**aligned, "dir": str(tmp_path / "align")}))
     score_bin.main(score)
     assert json.loads((ddir / "score" / "scores.json").read_text())["novel"]["n_utts"] == 0
     output = tmp_path / "RESULTS.md"

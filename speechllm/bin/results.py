@@ -139,7 +139,7 @@ def training_of(exp_dir: str | None, dset: str) -> tuple[str, str, str]:
         with open(Path(exp_dir) / "train_log.jsonl", encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
         n = max((r.get("step", 0) for r in records), default=0)
-        text_first = [r["text_first_steps"] for r in records if "text_first_steps" in r]
+        text_first = [r["text_steps"] for r in records if "text_steps" in r]
         steps = f"{n} ({text_first[-1]} on text)" if text_first else str(n)
     if exp_dir and (Path(exp_dir) / "alignment.json").is_file():
         aligned = read_json(Path(exp_dir) / "alignment.json")

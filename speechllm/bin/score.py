@@ -151,9 +151,12 @@ def alignment_text(exp_dir: Path | None) -> list[Path]:
     if record is None or not record.is_file():
         return []
     aligned = json.loads(record.read_text(encoding="utf-8"))
-    if "corpus" not in aligned:
-        raise InputError(f"{record} does not name the alignment corpus (made by an older version): add "
-                         '"corpus": its path, or null, so that the novel turns are novel to it as well')
+    if "corpus" not in aligned:  # written before it named the corpus: the alignment dir's record does
+        made = Path(aligned["dir"]) / "align.json"
+        if not made.is_file():
+            raise InputError(f"{record} does not name its alignment corpus, and {made} is gone: add "
+                             '"corpus": its path (or null) to it, so that the novel turns are novel to it too')
+        aligned = json.loads(made.read_text(encoding="utf-8"))
     if aligned["corpus"] is None:
         return []
     text = Path(aligned["corpus"]) / "data" / "align" / "text"

@@ -35,7 +35,7 @@ VOICES = {
     "agent": ("en-us+m3", "en-us+f2", "en-gb-x-rp+m1", "en-us+f4", "en+m4"),
     "customer": ("en-gb+m2", "en-gb-scotland+f3", "en-us+m7", "en-gb-x-rp+f1", "en-029+m5", "en-us-nyc+f5"),
 }
-SPOKEN = "spoken.json"  # per wav dir: what each wav says, in which voice (a fingerprint)
+SPOKEN = "spoken.jsonl"  # per wav dir: what each wav says, in which voice (a fingerprint per line)
 SIDES = {"agent": "agent", "system": "agent", "customer": "customer", "user": "customer"}
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-029", "en-us-nyc")
 VARIANTS = ("m1 m2 m3 m4 m5 m6 m7 m8 f1 f2 f3 f4 f5 klatt klatt2 klatt3 klatt4 Andy Annie Alex Alicia benjamin "
@@ -85,9 +85,10 @@ def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, da
                     nj: int = 2, seed: int = 1, voices: VoiceSet = VOICE_SETS["callcenter"]) -> dict[str, int]:
     """Synthesise every turn and write one data dir per split.
 
-    A wav is kept only if ``<wavdir>/spoken.json`` records that it says the same text in the same
+    A wav is kept only if ``<wavdir>/spoken.jsonl`` records that it says the same text in the same
     voice: a changed generator (or a new Faker) speaks its changed turns again instead of pairing them
-    with stale audio. ``inventory`` is one file for every split, or a pattern with ``{split}`` for one
+    with stale audio, and a killed run goes on where it stopped. Wavs made before the record are
+    spoken again, once. ``inventory`` is one file for every split, or a pattern with ``{split}`` for one
     per split.
     """
     wavdir.mkdir(parents=True, exist_ok=True)
@@ -109,21 +110,27 @@ def build_data_dirs(conversations: Path, inventory: str | Path, wavdir: Path, da
             jobs.append((wavdir / f"{uid}.wav", t["text"], *voice_for(call["conv_id"], t["speaker"], seed, voices)))
 
     manifest = wavdir / SPOKEN
-    spoken = json.loads(manifest.read_text(encoding="utf-8")) if manifest.exists() else {}
+    spoken = {}  # the last line of a wav wins
+    if manifest.exists():
+        spoken = {row["utt"]: row["said"] for _, row in read_jsonl(manifest)}
     said = {path.stem: fingerprint(*job) for path, *job in jobs}
     todo = [job for job in jobs if not (job[0].exists() and spoken.get(job[0].stem) == said[job[0].stem])]
     log.info("%s: %d of %d turns to speak (the others are spoken already)", wavdir, len(todo), len(jobs))
 
-    def run(job: tuple[Path, str, str, int, int]) -> None:
+    def run(job: tuple[Path, str, str, int, int]) -> str:
         path, text, voice, rate, pitch = job
         with atomic_write(path, "wb") as f:
             sf.write(f, synthesize(text, voice, rate, pitch), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+        return path.stem
 
-    with ThreadPoolExecutor(max(1, nj)) as pool:
-        list(tqdm(pool.map(run, todo), total=len(todo), desc="espeak-ng", unit="utt"))
-    with atomic_write(manifest) as f:  # after the wavs: a killed run speaks its turns again
-        json.dump({**spoken, **said}, f)
-
+    with open(manifest, "a", encoding="utf-8") as record, ThreadPoolExecutor(max(1, nj)) as pool:
+        # first unknown, then what each wav says once it is written: a killed run never leaves a wav
+        # recorded as saying what it no longer says
+        record.writelines(json.dumps({"utt": job[0].stem, "said": None}) + "\n" for job in todo)
+        record.flush()
+        for utt in tqdm(pool.map(run, todo), total=len(todo), desc="espeak-ng", unit="utt"):
+            record.write(json.dumps({"utt": utt, "said": said[utt]}) + "\n")
+            record.flush()
     counts: dict[str, int] = {}
     for split in sorted({c["split"] for c in calls}):
         out = datadir / split

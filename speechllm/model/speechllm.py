@@ -78,9 +78,7 @@ class SpeechLLM(nn.Module):
         if self.adapter is not None:
             audio = list(self.adapter.parameters())
             audio += [] if self.ctc_head is None else list(self.ctc_head.parameters())
-            audio = [p for p in audio if p.requires_grad]  # none when slot filling freezes them (freeze_audio)
-            if audio:
-                groups.insert(0, {"params": audio, "lr": audio_lr})
+            groups.insert(0, {"params": audio, "lr": audio_lr})
         return groups
 
     def freeze_audio(self) -> None:
