@@ -28,8 +28,9 @@ def make_rows(n: int) -> list[dict]:
 
 
 def train(tmp_path: Path, name: str, nproc: int, batch_size: int, jsonl: Path, env: dict | None = None,
-          stops: bool = False) -> Path:
-    """Train into ``tmp_path/name``; ``stops``: the run must stop for the job's time limit (exit 75)."""
+          stops: bool = False, config: dict | None = None) -> Path:
+    """Train into ``tmp_path/name`` (``config``: more training keys); ``stops``: the run must stop for the
+    job's time limit (exit 75)."""
     outdir = tmp_path / name
     outdir.mkdir(exist_ok=True)
     llm = tiny_llm_dict(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"})
@@ -37,7 +38,7 @@ def train(tmp_path: Path, name: str, nproc: int, batch_size: int, jsonl: Path, e
     (outdir / "train.yaml").write_text(yaml.safe_dump({
         "batch_size": batch_size, "grad_accum": 2, "max_steps": 4, "lr": 1e-3, "warmup_ratio": 0.0,
         "adapter_hidden": 32, "log_every": 1, "save_every": 1000, "seed": 3, "eval_every": 2,
-        "eval_max_examples": 4, "eval_max_new_tokens": 8}))
+        "eval_max_examples": 4, "eval_max_new_tokens": 8, **(config or {})}))
     module = ["-m", "speechllm.bin.train", "--train_jsonl", str(jsonl), "--valid_jsonl", str(jsonl),
               "--llm_config", str(outdir / "llm.yaml"), "--train_config", str(outdir / "train.yaml"),
               "--outdir", str(outdir), "--device", "cpu"]
@@ -84,6 +85,20 @@ def test_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
     assert max_diff(trainable(half), trainable(single)) > 1e-3
     # rank 0 alone wrote the learning curve (one line per evaluation, not one per process)
     assert len((ddp / "curve.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [{"text_first": 0.5}, {"ctc_collapse": "hard"}], ids=["text_first", "hard"])
+def test_two_processes_train_through_steps_that_leave_the_adapter_without_gradient(tmp_path, config):
+    """Text-first steps never touch the adapter, and hard CTC tokens pass it no gradient: DDP must not
+    wait for one."""
+    jsonl = write_examples(tmp_path, make_rows(16))
+    aligned = {"align": {"steps": 2, "batch_size": 4, "eval_every": 2}, "audio_input": "ctc_tokens", **config}
+    ddp = train(tmp_path, "ddp", nproc=2, batch_size=2, jsonl=jsonl, config=aligned)
+    assert len(losses(ddp)) == 4
+    rows = [json.loads(line) for line in (ddp / "train_log.jsonl").read_text().splitlines()]
+    assert [r["text_steps"] for r in rows if "text_steps" in r] == ([2] if "text_first" in config else [])
 
 
 @pytest.mark.ddp
