@@ -244,9 +244,10 @@ def test_ctc_tokens_model_trains_saves_and_reloads(tmp_path):
     spoken = model.tokenizer("pay thirty dollars", add_special_tokens=False)["input_ids"]
     assert model.ctc_head.vocab.tolist() == sorted(set(spoken))
     aligned_head = torch.load(tmp_path / "exp" / "align" / "ctc_head.pt")
-    assert not torch.equal(aligned_head["blank"], model.ctc_head.blank.detach())  # slot filling trained it on
+    # slot filling trained it on through the mix (the scale; the blank only picks frames, without gradient)
+    assert not torch.equal(aligned_head["log_scale"], model.ctc_head.log_scale.detach())
     loaded = load_model(tmp_path / "exp" / "model")
-    assert loaded.ctc_head is not None and torch.equal(loaded.ctc_head.blank, model.ctc_head.blank)
+    assert loaded.ctc_head is not None and torch.equal(loaded.ctc_head.log_scale, model.ctc_head.log_scale)
     items = [ModelInput(load_feats(e), *model.formatter.tokenize(e.prompt, audio=True)) for e in examples[:2]]
     model.eval()
     assert [len(a) for a in loaded.audio_embeddings(items)] == [len(a) for a in model.audio_embeddings(items)]

@@ -22,9 +22,10 @@ from speechllm.slots import filled_pairs
 def test_calls_are_a_pure_function_of_seed_and_index():
     assert alignment_call(1, 7) == alignment_call(1, 7)
     assert alignment_call(1, 7) != alignment_call(2, 7) and alignment_call(1, 7) != alignment_call(1, 8)
-    # a stream of its own: not the recipe's call of the same seed and index
-    assert [t["text"] for t in alignment_call(1, 0)["turns"]] != \
-        [t["text"] for t in generate_call(1, 0)["turns"] if t["slots"]]
+    # a stream of its own: not the recipe's call of the same seed and index, even with the same names
+    with V.drawing_from(wide_inventory()):
+        recipe = [[t["text"] for t in generate_call(1, i)["turns"] if t["slots"]] for i in range(3)]
+    assert all([t["text"] for t in alignment_call(1, i)["turns"]] != recipe[i] for i in range(3))
 
 
 def test_every_turn_carries_values_that_its_text_holds():
