@@ -86,6 +86,7 @@ class Trainer:
         self.ctc = None
         if cfg.ctc_weight > 0 and model.ctc_head is not None:
             self.ctc = CTCObjective(model.adapter, model.ctc_head, model.tokenizer)
+        self.forward = model  # wrapped for DDP in train(), once it is settled what trains
         # a checkpoint keeps the audio path even when slot filling freezes it (freeze_audio)
         self.saved = {n for n, p in model.named_parameters() if p.requires_grad} | set(model.audio_parameter_names())
         # the curriculum's text-first steps: the step audio starts at, once known (a text-only model reads text)

@@ -66,10 +66,12 @@ def test_default_training_fits_the_cpu_hour(recipe):
     assert config.max_minutes == 6 and config.align.steps <= 2400  # per mode; one alignment per run
 
 
-def test_call_centre_default_aligns_on_the_alignment_corpus():
+def test_call_centre_default_aligns_on_the_corpus_and_reads_hard_tokens():
     recipe = REPO / "egs" / "callcenter" / "sf1"
     config = load_yaml_dataclass(recipe / "conf" / "train.yaml", TrainConfig)
     assert config.align.steps > 0 and config.audio_input == "ctc_tokens"
+    # what measured best (docs/experiments/2026-12-01-text-first-and-hard-tokens.md): hard tokens, no curriculum
+    assert config.ctc_collapse == "hard" and config.text_first == 0 and config.ctc_weight == 0
     script = "eval \"$(sed -n '/^# General$/,/^results_md=/p' sf.sh)\"; echo ${align_calls}"
     calls = subprocess.run(["bash", "-c", script], cwd=recipe, capture_output=True, text=True, check=True).stdout
     assert int(calls) >= 800
