@@ -51,10 +51,12 @@ def test_local_jobs_get_gpus_of_their_own(tmp_path):
             if spans[a][0] == spans[b][0]:
                 assert spans[a][2] <= spans[b][1] or spans[b][2] <= spans[a][1], (spans[a], spans[b])
 
-    # two GPUs per job, and a job asking for more GPUs than there are is refused
+    # two GPUs per job (both jobs held until both run, as above: one that ended could pass its GPUs on),
+    # and a job asking for more GPUs than there are is refused
+    pair = ("touch paired.JOB; for t in $(seq 200); do [ $(ls paired.* | wc -l) -ge 2 ] && break; sleep 0.1; done; "
+            "echo gpus=$CUDA_VISIBLE_DEVICES")
     subprocess.run([str(REPO / "utils" / "run_local.sh"), "--gpu", "2", "JOB=1:2", "log/pair.JOB.log", "bash", "-c",
-                    "echo gpus=$CUDA_VISIBLE_DEVICES"], cwd=tmp_path, check=True,
-                   env={**os.environ, "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+                    pair], cwd=tmp_path, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
     assert sorted(re.search(r"^gpus=(\S+)", (tmp_path / "log" / f"pair.{i}.log").read_text(), re.M).group(1)
                   for i in (1, 2)) == ["4,5", "6,7"]
     proc = subprocess.run([str(REPO / "utils" / "run_local.sh"), "--gpu", "1", "log/none.log", "true"],
