@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+from transformers import get_scheduler
 
 from speechllm.data import Example, TokenizedSet, iter_examples, load_feats, read_examples
 from speechllm.distributed import World
@@ -151,12 +152,15 @@ class CTCObjective:
 
 
 class AdapterAligner(CTCObjective):
-    """Trains ``adapter`` (and the head) by CTC alone on (features, transcript) pairs."""
+    """Trains ``adapter`` (and the head) by CTC alone on (features, transcript) pairs; ``schedule`` and
+    ``warmup_ratio`` shape the learning rate over the steps of :meth:`run`."""
 
     def __init__(self, adapter: FrameStackAdapter, head: CTCEmbeddingHead, tokenizer, lr: float = 1e-3,
-                 batch_size: int = 16, seed: int = 1, max_nonfinite_steps: int = 10) -> None:
+                 batch_size: int = 16, seed: int = 1, max_nonfinite_steps: int = 10, schedule: str = "constant",
+                 warmup_ratio: float = 0.0) -> None:
         super().__init__(adapter, head, tokenizer)
         self.batch_size, self.seed, self.max_nonfinite_steps = batch_size, seed, max_nonfinite_steps
+        self.schedule, self.warmup_ratio = schedule, warmup_ratio
         log.info("CTC over %d token classes + blank", len(head.vocab))
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr)
 
@@ -194,6 +198,8 @@ class AdapterAligner(CTCObjective):
         usable = [e for e in turns if e.text.strip()]
         history: list[dict] = []
         start, losses, n_nonfinite = time.time(), [], 0
+        scheduler = get_scheduler("cosine" if self.schedule == "cosine" else "constant_with_warmup", self.optimizer,
+                                  num_warmup_steps=int(self.warmup_ratio * steps), num_training_steps=steps)
         self.adapter.train()
         for step in tqdm(range(1, steps + 1), desc="align (CTC)", unit="step"):
             batch = rng.sample(usable, k=min(self.batch_size, len(usable)))
@@ -207,8 +213,10 @@ class AdapterAligner(CTCObjective):
                                        f"max_nonfinite_steps {self.max_nonfinite_steps}): check the features")
             else:
                 losses.append(loss)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()  # the rate follows the step count, updated or not
             if step % eval_every == 0 or step == steps:
-                record = {"step": step, "ctc_loss": sum(losses) / len(losses) if losses else None,
+                record = {"step": step, "ctc_loss": sum(losses) / len(losses) if losses else None, "lr": lr,
                           "elapsed_s": time.time() - start}
                 losses = []
                 self.adapter.eval()
@@ -222,7 +230,7 @@ class AdapterAligner(CTCObjective):
                          "-" if record["ctc_loss"] is None else f"{record['ctc_loss']:.3f}")
                 if writer is not None:
                     for key, value in record.items():
-                        if key.endswith("_wer") or (key == "ctc_loss" and value is not None):
+                        if key.endswith("_wer") or (key in ("ctc_loss", "lr") and value is not None):
                             writer.add_scalar(f"align/{key}", value, step)
                     for name in evals:
                         for kind, total in (("values_heard", "values"), ("novel_heard", "novel_values")):
@@ -342,7 +350,8 @@ def align(model: SpeechLLM, cfg: AlignConfig, data: AlignmentData, seed: int, wr
     head = model.ctc_head  # None unless the LLM reads through it: then it serves this phase only
     if head is None:
         head = new_ctc_head(model, cfg.vocab, [e.text for e in data.turns])
-    aligner = AdapterAligner(model.adapter, head, model.tokenizer, cfg.lr, cfg.batch_size, seed, max_nonfinite_steps)
+    aligner = AdapterAligner(model.adapter, head, model.tokenizer, cfg.lr, cfg.batch_size, seed, max_nonfinite_steps,
+                             cfg.schedule, cfg.warmup_ratio)
     aligner.run(data.turns, data.evals, data.seen(), cfg.steps, data.directory, writer, cfg.eval_every)
     bad = [n for n, t in [*model.adapter.state_dict().items(), *head.state_dict().items()]
            if t.is_floating_point() and not torch.isfinite(t).all()]

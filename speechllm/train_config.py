@@ -12,6 +12,8 @@ from speechllm.model.ctc_head import COLLAPSES
 
 log = logging.getLogger(__name__)
 
+ALIGN_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass
 class AlignConfig:
@@ -22,10 +24,16 @@ class AlignConfig:
     lr: float = 1.0e-3
     eval_every: int = 50
     vocab: str = "transcripts"  # CTC classes: "transcripts" (tokens of the training transcripts) or "full"
+    schedule: str = "constant"  # the learning rate over the phase: "constant", or "cosine" (decays to 0)
+    warmup_ratio: float = 0.0  # the share of the steps over which the rate first rises from 0
 
     def __post_init__(self) -> None:
         if self.vocab not in ("transcripts", "full"):
             raise ValueError(f"vocab must be 'transcripts' or 'full', not {self.vocab!r}")
+        if self.schedule not in ALIGN_SCHEDULES:
+            raise ValueError(f"schedule must be one of {ALIGN_SCHEDULES}, not {self.schedule!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import kaldiio
 import numpy as np
@@ -91,6 +92,41 @@ def test_align_vocab_config_is_checked(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("align:\n  steps: 10\n  vocab: all\n")
     with pytest.raises(InputError, match=rf"{path}: align: vocab must be 'transcripts' or 'full', not 'all'"):
+        load_yaml_dataclass(path, TrainConfig)
+
+
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    ("constant", 0.0, [1.0, 1.0, 1.0, 1.0]),
+    ("cosine", 0.0, [1.0, 0.8536, 0.5, 0.1464]),  # half a cosine from the full rate to 0 over 4 steps
+    ("cosine", 0.5, [0.0, 0.5, 1.0, 0.5]),  # 2 steps of linear warmup, then the cosine over the other 2
+])
+def test_the_alignment_learning_rate_follows_its_schedule(tmp_path, schedule, warmup, expected):
+    from conftest import write_examples
+
+    rows = [{"utt_id": f"u{i}", "prompt": "<audio>", "target": "{}", "slots": {}, "text": "pay thirty dollars"}
+            for i in range(4)]
+    examples = read_examples(write_examples(tmp_path, rows))
+    model, _, _ = make_tiny_speechllm(tmp_path, ["pay thirty dollars"] * 20)
+    head = CTCEmbeddingHead(model.llm.get_input_embeddings().weight, token_vocab(model.tokenizer, ["pay thirty dollars"]))
+    aligner = AdapterAligner(model.adapter, head, model.tokenizer, lr=1e-3, batch_size=2, schedule=schedule,
+                             warmup_ratio=warmup)
+    history = aligner.run(examples, {}, SeenText([]), steps=4, outdir=tmp_path / "align", eval_every=1)
+    assert [round(h["lr"] / 1e-3, 4) for h in history] == expected
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "align" / "align_log.jsonl").read_text().splitlines()]
+    assert logged == [h["lr"] for h in history]
+
+
+@pytest.mark.parametrize("block, message", [
+    ("schedule: linear", "align: schedule must be one of ('constant', 'cosine'), not 'linear'"),
+    ("warmup_ratio: 1.0", "align: warmup_ratio must be in [0, 1), not 1.0"),
+])
+def test_align_schedule_config_is_checked(tmp_path, block, message):
+    from speechllm.config import load_yaml_dataclass
+    from speechllm.io_utils import InputError
+
+    path = tmp_path / "train.yaml"
+    path.write_text(f"align:\n  steps: 10\n  {block}\n")
+    with pytest.raises(InputError, match=re.escape(f"{path}: {message}")):
         load_yaml_dataclass(path, TrainConfig)
 
 
