@@ -72,6 +72,8 @@ def test_call_centre_default_aligns_on_the_corpus_and_reads_hard_tokens():
     assert config.align.steps > 0 and config.audio_input == "ctc_tokens"
     # what measured best (docs/experiments/2026-12-01-text-first-and-hard-tokens.md): hard tokens, no curriculum
     assert config.ctc_collapse == "hard" and config.text_first == 0 and config.ctc_weight == 0
+    # and the alignment's rate decays (docs/experiments/2026-12-01-cosine-alignment.md)
+    assert config.align.schedule == "cosine" and config.align.warmup_ratio > 0
     script = "eval \"$(sed -n '/^# General$/,/^results_md=/p' sf.sh)\"; echo ${align_calls}"
     calls = subprocess.run(["bash", "-c", script], cwd=recipe, capture_output=True, text=True, check=True).stdout
     assert int(calls) >= 800
