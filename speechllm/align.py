@@ -48,7 +48,7 @@ from speechllm.model.speechllm import SpeechLLM
 from speechllm.novelty import SeenText
 from speechllm.plots import plot_alignment
 from speechllm.slots import filled_pairs
-from speechllm.train_config import AlignConfig
+from speechllm.train_config import ALIGN_SCHEDULES, AlignConfig
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class AdapterAligner(CTCObjective):
         usable = [e for e in turns if e.text.strip()]
         history: list[dict] = []
         start, losses, n_nonfinite = time.time(), [], 0
-        scheduler = get_scheduler("cosine" if self.schedule == "cosine" else "constant_with_warmup", self.optimizer,
+        scheduler = get_scheduler(ALIGN_SCHEDULES[self.schedule], self.optimizer,
                                   num_warmup_steps=int(self.warmup_ratio * steps), num_training_steps=steps)
         self.adapter.train()
         for step in tqdm(range(1, steps + 1), desc="align (CTC)", unit="step"):

@@ -12,7 +12,7 @@ from speechllm.model.ctc_head import COLLAPSES
 
 log = logging.getLogger(__name__)
 
-ALIGN_SCHEDULES = ("constant", "cosine")
+ALIGN_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # to transformers' scheduler names
 
 
 @dataclass
@@ -31,7 +31,7 @@ class AlignConfig:
         if self.vocab not in ("transcripts", "full"):
             raise ValueError(f"vocab must be 'transcripts' or 'full', not {self.vocab!r}")
         if self.schedule not in ALIGN_SCHEDULES:
-            raise ValueError(f"schedule must be one of {ALIGN_SCHEDULES}, not {self.schedule!r}")
+            raise ValueError(f"schedule must be one of {tuple(ALIGN_SCHEDULES)}, not {self.schedule!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
 
